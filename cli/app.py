@@ -1,0 +1,83 @@
+"""Shared state of one CLI invocation: options, ledger lookup, model loading, output helpers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import click
+
+from kledger.ledger.errors import ModelMismatchError, UsageError
+from kledger.ledger.store import Ledger
+
+log = logging.getLogger("kledger")
+
+
+@dataclass
+class App:
+    ledger_dir: str | None = None
+    as_json: bool = False
+    quiet: bool = False
+    device: str = "auto"
+    verbose: int = 0
+    _ledger: Ledger | None = field(default=None, repr=False)
+
+    # --- ledger --------------------------------------------------------------------------
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self._ledger = Ledger.open(self.ledger_dir)
+        return self._ledger
+
+    # --- models --------------------------------------------------------------------------
+    def load_base(self, model_spec: str | None = None):
+        """Load the ledger's base model (refusing a ``--model`` whose fingerprint differs)."""
+        from kledger.editors.models import fingerprint, load_model, resolve_model_path
+
+        ledger = self.ledger()
+        base = ledger.base_model()
+        if model_spec is not None:
+            fp = fingerprint(resolve_model_path(model_spec))
+            if fp != base["fingerprint"]:
+                raise ModelMismatchError(
+                    f"expected the ledger's base model {base['spec']!r} (fingerprint {base['fingerprint'][:16]}…),"
+                    f" found {model_spec!r} with fingerprint {fp[:16]}…"
+                )
+            spec = model_spec
+        else:
+            spec = base["spec"]
+            if not os.path.isdir(base["path"]) and spec == base["path"]:
+                raise UsageError(
+                    f"expected the base model folder {base['path']!r} recorded at init, found it missing;"
+                    " pass --model with a copy of it"
+                )
+        self.progress_note(f"loading base model {spec}")
+        return load_model(spec, self.device, expect_fingerprint=base["fingerprint"])
+
+    # --- output --------------------------------------------------------------------------
+    @property
+    def show_progress(self) -> bool:
+        return not self.quiet and not self.as_json and sys.stderr.isatty()
+
+    def progress(self, iterable: Iterable | None = None, total: int | None = None, desc: str = ""):
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, disable=not self.show_progress, file=sys.stderr,
+                    leave=False, dynamic_ncols=True)
+
+    def progress_note(self, msg: str) -> None:
+        if self.show_progress or self.verbose:
+            log.info(msg)
+
+    def emit(self, data: Any, text: str | None = None) -> None:
+        """Print JSON (with --json) or the human text."""
+        if self.as_json:
+            click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        elif text is not None:
+            click.echo(text)
+
+
+pass_app = click.make_pass_decorator(App)

@@ -1,0 +1,133 @@
+"""Read commands: ``log``, ``show``, ``status``, ``verify``."""
+
+from __future__ import annotations
+
+import click
+
+from kledger.cli.app import App, pass_app
+from kledger.cli.main import cli
+from kledger.ledger.errors import IntegrityError
+from kledger.ledger.records import Event
+
+
+def _history(ledger, start: Event, n: int | None) -> list[Event]:
+    """Events reachable from ``start`` by first-parent links, newest first (audits included)."""
+    out: list[Event] = []
+    # the fast path: this branch's own rows, newest first, then follow the oldest's parent
+    rows = ledger.events(branch=start.branch, limit=None if n is None else n + 50)
+    rows = [e for e in rows if e.seq <= start.seq]
+    out.extend(rows[: n] if n is not None else rows)
+    cur = out[-1] if out else start
+    while (n is None or len(out) < n) and cur.parent is not None:
+        cur = ledger.get(cur.parent)
+        if cur.id in {e.id for e in out}:
+            continue
+        out.append(cur)
+    return out[:n] if n is not None else out
+
+
+@cli.command(name="log")
+@click.option("-n", "limit", type=int, default=None, help="Show at most N events.")
+@click.option("--all", "show_all", is_flag=True, help="Every event of every branch, newest first.")
+@click.option("--at", "ref", default="HEAD", show_default=True, help="Start from this ref.")
+@pass_app
+def log_cmd(app: App, limit, show_all, ref) -> None:
+    """List events, newest first (one line each)."""
+    ledger = app.ledger()
+    events = ledger.events(limit=limit) if show_all else _history(ledger, ledger.resolve(ref), limit)
+    active = {e.id for e in ledger.active(ref)} if not show_all else None
+    if app.as_json:
+        app.emit([e.to_json() | ({"active": e.id in active} if active is not None and e.type == "add" else {})
+                  for e in events])
+        return
+    head = ledger.head().id
+    for e in events:
+        mark = " (HEAD)" if e.id == head else ""
+        if active is not None and e.type in ("add", "forget", "learn", "merge") and e.id not in active:
+            mark += " [reverted]"
+        click.echo(f"{e.seq:>6} {e.describe()}{mark}")
+
+
+@cli.command()
+@click.argument("event", default="HEAD")
+@pass_app
+def show(app: App, event: str) -> None:
+    """Show one event in full: request, method config, ensemble, metrics, delta."""
+    ledger = app.ledger()
+    ev = ledger.resolve(event)
+    data = ev.to_json()
+    if ev.delta_sha256:
+        data["delta"] = ledger.load_delta(ev).summary()
+    data["active_at_head"] = ev.id in {e.id for e in ledger.active("HEAD")}
+    if app.as_json:
+        app.emit(data)
+        return
+    import json
+
+    for k in ("id", "seq", "type", "branch", "created_at", "parent", "method", "target", "message",
+              "delta_sha256", "delta_bytes", "active_at_head", "hash"):
+        if data.get(k) not in (None, [], ""):
+            click.echo(f"{k:>14}: {data[k]}")
+    for k in ("request", "config", "ensemble", "metrics", "delta"):
+        if data.get(k):
+            click.echo(f"{k:>14}: " + json.dumps(data[k], indent=2, sort_keys=True).replace("\n", "\n" + " " * 16))
+
+
+@cli.command()
+@pass_app
+def status(app: App) -> None:
+    """Current branch, head, active edits and base model."""
+    ledger = app.ledger()
+    head = ledger.head()
+    active = ledger.active(head)
+    data = {"ledger": str(ledger.root), "branch": ledger.current_branch(), "head": head.id,
+            "events": ledger.count(), "active_edits": len(active), "base_model": ledger.base_model()}
+    app.emit(data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+
+
+@cli.command()
+@click.option("--no-objects", is_flag=True, help="Check the hash chain only, not the delta objects.")
+@pass_app
+def verify(app: App, no_objects: bool) -> None:
+    """Check the hash chain, every row and every delta object; exit 4 on the first bad row."""
+    ledger = app.ledger()
+    bar = app.progress(total=ledger.count(), desc="verify")
+    try:
+        rep = ledger.verify(check_objects=not no_objects, progress=bar.update)
+    finally:
+        bar.close()
+    data = rep.to_json()
+    if not app.as_json:
+        if rep.ok:
+            click.echo(f"ok: {rep.rows} rows, {rep.objects_checked} objects verified in {rep.seconds:.2f} s"
+                       f" ({data['rows_per_s']} rows/s)")
+        for sha in rep.orphans:
+            click.echo(f"warning: orphan object {sha} (no row refers to it; left by an interrupted add)")
+        for p in rep.temp_files:
+            click.echo(f"warning: temporary file {p} (left by an interrupted write)")
+    else:
+        app.emit(data)
+    if not rep.ok:
+        raise IntegrityError(rep.problem)
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--at", "ref", default="HEAD", show_default=True, help="Version to run (HEAD, HEAD~N, id, branch).")
+@click.option("-n", "--max-new-tokens", default=8, show_default=True)
+@click.option("--expect", help="Exit 1 unless the greedy continuation starts with this text.")
+@pass_app
+def generate(app: App, prompt: str, ref: str, max_new_tokens: int, expect: str | None) -> None:
+    """Greedy continuation of PROMPT by the model at a version."""
+    from kledger.cli.workflow import Workspace
+    from kledger.editors.scoring import greedy
+    from kledger.ledger.errors import KledgerError
+
+    ws = Workspace(app.ledger(), device=app.device, progress=app.show_progress)
+    model, tok, m = ws.model_at(ref)
+    text = greedy(model, tok, prompt, max_new_tokens)
+    ok = expect is None or text.startswith(expect) or text.lstrip().startswith(expect.strip())
+    app.emit({"prompt": prompt, "continuation": text, "version": m.version.id, "expect": expect, "ok": ok},
+             f"{prompt}\x1b[1m{text}\x1b[0m" if app.show_progress else f"{prompt}{text}")
+    if not ok:
+        raise KledgerError(f"expected the continuation to start with {expect!r}, found {text!r}")

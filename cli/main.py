@@ -1,0 +1,81 @@
+"""The ``kledger`` command. The only place where exceptions become messages and exit codes.
+
+Exit codes: 0 ok · 1 error · 2 usage · 3 audit threshold crossed · 4 integrity failure ·
+75 ledger busy. Tracebacks only with ``KLEDGER_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from kledger.cli.app import App
+from kledger.ledger.errors import KledgerError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KledgerError as exc:
+            if os.environ.get("KLEDGER_DEBUG") == "1":
+                raise
+            click.echo(f"kledger: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except BrokenPipeError:  # `kledger log | head`: the reader left; stop quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(0)
+        except KeyboardInterrupt:
+            click.echo("kledger: interrupted; nothing partial was recorded", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # a bug or an unexpected library error: still one line
+            if os.environ.get("KLEDGER_DEBUG") == "1":
+                raise
+            click.echo(f"kledger: error: {type(exc).__name__}: {exc} (set KLEDGER_DEBUG=1 for a traceback)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--ledger", "ledger_dir", envvar="KLEDGER_DIR", metavar="DIR",
+              help="Ledger folder (.kledger or its parent). Default: found by walking up from here.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="kledger")
+@click.pass_context
+def cli(ctx, ledger_dir, as_json, quiet, device, verbose):
+    """kledger: auditable, reversible knowledge editing with an append-only ledger."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="kledger: %(message)s", stream=sys.stderr, force=True)
+    for noisy in ("transformers", "accelerate", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers always present in practice
+        pass
+    ctx.obj = App(ledger_dir=ledger_dir, as_json=as_json, quiet=quiet, device=device, verbose=verbose)
+
+
+from kledger.cli import edit as _edit  # noqa: E402  (commands register themselves on ``cli``)
+from kledger.cli import inspect as _inspect  # noqa: E402,F401
+from kledger.cli import export as _export  # noqa: E402,F401
+
+
+def main(argv=None) -> None:
+    cli.main(args=argv, prog_name="kledger")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

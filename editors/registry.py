@@ -1,0 +1,28 @@
+"""The one explicit editor registry: method name → editor class (imported lazily).
+
+Variants such as BLUE are config fields of their method, not separate entries.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from kledger.ledger.errors import UsageError
+
+#: name → "module:Class". Add new methods here.
+EDITORS: dict[str, str] = {
+    "kne": "kledger.editors.kne:KNEEditor",
+    "forget": "kledger.editors.unlearn:UnlearnEditor",
+    "learn": "kledger.editors.unlearn:LearnEditor",
+}
+
+
+def editor_class(name: str):
+    if name not in EDITORS:
+        raise UsageError(f"expected a method in {sorted(EDITORS)}, found {name!r}")
+    module, cls = EDITORS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def available() -> list[str]:
+    return sorted(EDITORS)

@@ -1,0 +1,734 @@
+"""The append-only ledger: a DuckDB table of events with a hash chain, plus the object store.
+
+On disk (``.kledger/``)::
+
+    ledger.duckdb      events (insert-only) and schema_version
+    objects/ab/cd….safetensors   content-addressed deltas (immutable)
+    HEAD               the current branch name (a working-copy pointer, like git's HEAD)
+    write.lock         OS lock held only around an append
+    cache/             derived, rebuildable data (key statistics, …)
+
+Rows are never updated or deleted. ``hash = sha256(prev_hash ‖ canonical_json(body) ‖
+delta_sha256)``; ``verify`` recomputes the chain. DuckDB lets one process hold the file
+read-write, so connections are short: readers open read-only and retry briefly while a writer
+appends; a writer takes ``write.lock`` (bounded wait, then ``LedgerBusyError``) only for the
+append itself, never while an edit is computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import duckdb
+
+from kledger.ledger.canonical import canonical_json, sha256_hex
+from kledger.ledger.deltas import Delta
+from kledger.ledger.errors import (
+    IntegrityError, KledgerError, LedgerBusyError, NotFoundError, StateError, UsageError,
+)
+from kledger.ledger.objects import ObjectStore
+from kledger.ledger.records import DELTA_EVENT_TYPES, EVENT_TYPES, MODEL_EVENT_TYPES, Event
+
+log = logging.getLogger(__name__)
+
+DIRNAME = ".kledger"
+DB_NAME = "ledger.duckdb"
+SCHEMA_VERSION = 1
+DEFAULT_BRANCH = "main"
+GENESIS = "0" * 64
+_BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
+
+_COLUMNS = (
+    "seq", "id", "type", "parent", "parents", "branch", "created_at", "request", "method", "config",
+    "ensemble", "metrics", "target", "message", "delta_sha256", "delta_bytes", "prev_hash", "hash",
+)
+_JSON_COLUMNS = ("parents", "request", "config", "ensemble", "metrics")
+_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL, created_at VARCHAR NOT NULL);
+CREATE TABLE events (
+    seq BIGINT PRIMARY KEY,
+    id VARCHAR NOT NULL UNIQUE,
+    type VARCHAR NOT NULL,
+    parent VARCHAR,
+    parents VARCHAR NOT NULL,
+    branch VARCHAR NOT NULL,
+    created_at VARCHAR NOT NULL,
+    request VARCHAR,
+    method VARCHAR,
+    config VARCHAR,
+    ensemble VARCHAR,
+    metrics VARCHAR,
+    target VARCHAR,
+    message VARCHAR,
+    delta_sha256 VARCHAR,
+    delta_bytes BIGINT,
+    prev_hash VARCHAR NOT NULL,
+    hash VARCHAR NOT NULL
+);
+"""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def row_hash(body: dict[str, Any]) -> str:
+    return sha256_hex(body["prev_hash"] + canonical_json(body) + (body.get("delta_sha256") or ""))
+
+
+def _row_to_event(row: Sequence[Any]) -> Event:
+    d = dict(zip(_COLUMNS, row))
+    for k in _JSON_COLUMNS:
+        d[k] = None if d[k] is None else json.loads(d[k])
+    d["parents"] = tuple(d["parents"] or ())
+    return Event(**d)
+
+
+def find_ledger(explicit: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None) -> Path:
+    """``--ledger``/``KLEDGER_DIR`` if given, else walk up from ``cwd`` looking for ``.kledger/``."""
+    explicit = explicit or os.environ.get("KLEDGER_DIR")
+    if explicit:
+        p = Path(explicit).expanduser()
+        if p.name != DIRNAME and (p / DIRNAME).is_dir():
+            p = p / DIRNAME
+        if not (p / DB_NAME).is_file():
+            raise NotFoundError(f"expected a kledger ledger at {p} ({DB_NAME} inside), found none")
+        return p
+    here = Path(cwd or os.getcwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / DIRNAME / DB_NAME).is_file():
+            return d / DIRNAME
+    raise NotFoundError(
+        f"expected a .kledger/ ledger in {here} or a parent folder, found none; run `kledger init --model M`"
+    )
+
+
+@dataclass
+class VerifyReport:
+    rows: int = 0
+    objects_checked: int = 0
+    bad_row: int | None = None  # seq of the first bad row
+    problem: str | None = None
+    orphans: list[str] = field(default_factory=list)
+    temp_files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def to_json(self) -> dict:
+        return {
+            "ok": self.ok, "rows": self.rows, "objects_checked": self.objects_checked,
+            "bad_row": self.bad_row, "problem": self.problem, "orphans": self.orphans,
+            "temp_files": self.temp_files, "seconds": round(self.seconds, 3),
+            "rows_per_s": round(self.rows / self.seconds, 1) if self.seconds else None,
+        }
+
+
+class Ledger:
+    """A handle on one ``.kledger/`` folder. Cheap to create; holds no connection open."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.db_path = self.root / DB_NAME
+        self.objects = ObjectStore(self.root / "objects")
+        self.lock_path = self.root / "write.lock"
+        self.cache_dir = self.root / "cache"
+        self._graph_cache: tuple[int, dict] | None = None
+        self._supersedes: dict[str, tuple[str, ...]] = {}
+
+    # --- creation / opening --------------------------------------------------------------
+    @classmethod
+    def create(cls, parent_dir: str | os.PathLike, model: dict[str, Any], message: str | None = None) -> "Ledger":
+        root = Path(parent_dir) / DIRNAME
+        if (root / DB_NAME).exists():
+            raise StateError(f"expected no ledger in {parent_dir}, found one at {root}")
+        (root / "objects").mkdir(parents=True, exist_ok=True)
+        (root / "cache").mkdir(exist_ok=True)
+        tmp_db = root / (DB_NAME + ".init")
+        if tmp_db.exists():
+            tmp_db.unlink()
+        con = duckdb.connect(str(tmp_db))
+        try:
+            con.execute(_SCHEMA)
+            con.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, _now()])
+            body = {
+                "seq": 0, "type": "init", "parent": None, "parents": [], "branch": DEFAULT_BRANCH,
+                "created_at": _now(), "request": None, "method": None,
+                "config": {"model": model, "schema_version": SCHEMA_VERSION}, "ensemble": None,
+                "metrics": None, "target": None, "message": message or "init", "delta_sha256": None,
+                "delta_bytes": None, "prev_hash": GENESIS,
+            }
+            h = row_hash(body)
+            _insert(con, body, h)
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        os.replace(tmp_db, root / DB_NAME)
+        (root / "HEAD").write_text(DEFAULT_BRANCH + "\n")
+        return cls(root)
+
+    @classmethod
+    def open(cls, explicit: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None) -> "Ledger":
+        return cls(find_ledger(explicit, cwd))
+
+    # --- connections ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _connect(self, read_only: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+        deadline = time.monotonic() + float(os.environ.get("KLEDGER_READ_TIMEOUT", "15"))
+        delay = 0.01
+        while True:
+            try:
+                con = duckdb.connect(str(self.db_path), read_only=read_only)
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise LedgerBusyError(f"expected to open {self.db_path}, found it locked: {exc}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def write_lock(self, timeout: float | None = None) -> Iterator[None]:
+        """Exclusive OS lock across processes; waits up to ``timeout`` s, then LedgerBusyError."""
+        timeout = float(os.environ.get("KLEDGER_LOCK_TIMEOUT", "30")) if timeout is None else timeout
+        fh = open(self.lock_path, "a+")
+        try:
+            deadline = time.monotonic() + timeout
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LedgerBusyError(
+                            f"expected the ledger write lock within {timeout:g} s, found it still held"
+                            f" ({self._lock_holder()}); try again later"
+                        ) from None
+                    if not told:
+                        log.warning("waiting for the ledger write lock (%s)", self._lock_holder())
+                        told = True
+                    time.sleep(0.05)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}\n")
+            fh.flush()
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fh.close()
+
+    def _lock_holder(self) -> str:
+        try:
+            return self.lock_path.read_text().strip() or "unknown holder"
+        except OSError:
+            return "unknown holder"
+
+    # --- reads ---------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        with self._connect() as con:
+            return int(con.execute("SELECT max(version) FROM schema_version").fetchone()[0])
+
+    def count(self) -> int:
+        with self._connect() as con:
+            return int(con.execute("SELECT count(*) FROM events").fetchone()[0])
+
+    def base_model(self) -> dict[str, Any]:
+        return self.get_seq(0).config["model"]
+
+    def get_seq(self, seq: int) -> Event:
+        with self._connect() as con:
+            row = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM events WHERE seq = ?", [seq]).fetchone()
+        if row is None:
+            raise NotFoundError(f"expected an event with sequence number {seq}, found none")
+        return _row_to_event(row)
+
+    def get(self, ident: str) -> Event:
+        """An event by id or unique id prefix (at least 4 hex digits)."""
+        ident = ident.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{4,64}", ident):
+            raise NotFoundError(f"expected an event id (4–64 hex digits), found {ident!r}")
+        with self._connect() as con:
+            rows = con.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM events WHERE id LIKE ? ORDER BY seq LIMIT 2",
+                [ident[:12] + "%"],
+            ).fetchall()
+        # ids are hash[:12]: a longer ref (up to the full hash) must match the hash, not just the id
+        rows = [r for r in rows if r[_COLUMNS.index("hash")].startswith(ident)]
+        if not rows:
+            raise NotFoundError(f"expected an event with id {ident!r}, found none")
+        if len(rows) > 1:
+            raise UsageError(f"event id prefix {ident!r} is ambiguous; give more digits")
+        return _row_to_event(rows[0])
+
+    def events(self, *, branch: str | None = None, types: Sequence[str] | None = None,
+               limit: int | None = None, newest_first: bool = True) -> list[Event]:
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM events"
+        where, args = [], []
+        if branch is not None:
+            where.append("branch = ?")
+            args.append(branch)
+        if types:
+            where.append(f"type IN ({', '.join('?' for _ in types)})")
+            args.extend(types)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq " + ("DESC" if newest_first else "ASC")
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._connect() as con:
+            return [_row_to_event(r) for r in con.execute(sql, args).fetchall()]
+
+    def iter_events(self, batch: int = 2000) -> Iterator[Event]:
+        """Every event in sequence order, streamed in batches (constant memory)."""
+        last = -1
+        while True:
+            with self._connect() as con:
+                rows = con.execute(
+                    f"SELECT {', '.join(_COLUMNS)} FROM events WHERE seq > ? ORDER BY seq LIMIT ?", [last, batch]
+                ).fetchall()
+            if not rows:
+                return
+            for r in rows:
+                yield _row_to_event(r)
+            last = rows[-1][0]
+
+    # --- refs and branches ---------------------------------------------------------------
+    def current_branch(self) -> str:
+        try:
+            name = (self.root / "HEAD").read_text().strip()
+        except FileNotFoundError:
+            return DEFAULT_BRANCH
+        return name or DEFAULT_BRANCH
+
+    def set_current_branch(self, name: str) -> None:
+        self.branch_head(name)  # must exist
+        tmp = self.root / f"HEAD.{os.getpid()}.tmp"
+        tmp.write_text(name + "\n")
+        os.replace(tmp, self.root / "HEAD")
+
+    def branches(self) -> dict[str, Event]:
+        with self._connect() as con:
+            names = [r[0] for r in con.execute("SELECT DISTINCT branch FROM events ORDER BY branch").fetchall()]
+        return {n: self.branch_head(n) for n in names}
+
+    def branch_head(self, branch: str | None = None) -> Event:
+        branch = branch or self.current_branch()
+        with self._connect() as con:
+            ev = _head(con, branch)
+        if ev is None:
+            raise NotFoundError(f"expected a branch named {branch!r}, found none")
+        return ev
+
+    def _maybe_head(self, branch: str) -> Event | None:
+        with self._connect() as con:
+            return _head(con, branch)
+
+    def head(self) -> Event:
+        return self.branch_head(self.current_branch())
+
+    def resolve(self, ref: str | None = "HEAD") -> Event:
+        """``HEAD``, ``HEAD~N``, a branch name (``NAME~N``), or an event id (prefix)."""
+        ref = (ref or "HEAD").strip()
+        m = re.fullmatch(r"(.+?)(?:~(\d*))?", ref)
+        base, back = m.group(1), m.group(2)
+        steps = 0 if back is None else (int(back) if back else 1)
+        if base == "HEAD":
+            ev = self.head()
+        else:
+            branch_names = None
+            if _BRANCH_RE.match(base):
+                with self._connect() as con:
+                    branch_names = con.execute("SELECT 1 FROM events WHERE branch = ? LIMIT 1", [base]).fetchone()
+            ev = self.branch_head(base) if branch_names else self.get(base)
+        for i in range(steps):
+            if ev.parent is None:
+                raise NotFoundError(f"expected {ref!r} to name an event, but the history has only {i} ancestors")
+            ev = self.get(ev.parent)
+        return ev
+
+    # --- the model at a version ----------------------------------------------------------
+    def _graph(self) -> dict[str, Any]:
+        """Compact DAG of all events (cached per ledger length)."""
+        with self._connect() as con:
+            n = int(con.execute("SELECT count(*) FROM events").fetchone()[0])
+            if self._graph_cache and self._graph_cache[0] == n:
+                return self._graph_cache[1]
+            rows = con.execute(
+                "SELECT seq, id, type, parent, parents, target, delta_sha256,"
+                " CASE WHEN type = 'merge' THEN config END FROM events ORDER BY seq"
+            ).fetchall()
+        g = {r[1]: (r[0], r[2], r[3], tuple(json.loads(r[4])), r[5], r[6]) for r in rows}
+        # merge events may list events they take out of the active set (see ``_live``)
+        self._supersedes = {r[1]: tuple((json.loads(r[7]) or {}).get("supersedes") or ()) for r in rows
+                            if r[7] is not None}
+        self._graph_cache = (n, g)
+        return g
+
+    def _live(self, anc: Iterable[str]) -> list[str]:
+        """Ids of the delta events in effect over ``anc`` (a set of events closed under parents).
+
+        The active-set rule, the same for a straight history, a branch and a merge:
+
+        * an ``add``/``forget``/``learn``/``merge`` event that carries a delta is live from its row on;
+        * a ``revert`` takes its target out;
+        * a ``merge`` event whose config lists ``supersedes`` takes those events out (the losing
+          side of a hard conflict, or the side edits that a ``resolve`` merge recomputed in one
+          solve); reverting such a merge brings them back.
+
+        Since the set is taken over every ancestor (``parent`` and the merge's ``parents``), a
+        merge's active set is the three-way sum: the merge base's edits plus what each side
+        added minus what each side reverted. A revert made on one side only stays in effect
+        after the merge (as a change does in git), and an edit reverted on both sides leaves
+        once. Returned in sequence order.
+        """
+        g = self._graph()
+        sup = getattr(self, "_supersedes", {})
+        live: dict[str, None] = {}
+        dropped_by: dict[str, set[str]] = {}
+        for eid in sorted(anc, key=lambda i: g[i][0]):
+            _, typ, _, _, target, dsha = g[eid]
+            if typ in DELTA_EVENT_TYPES and dsha:
+                live[eid] = None
+            elif typ == "revert" and target:
+                live.pop(target, None)
+                for s in sup.get(target, ()):  # reverting a merge restores what it superseded
+                    holders = dropped_by.get(s)
+                    if holders and target in holders:
+                        holders.discard(target)
+                        if not holders:
+                            live[s] = None
+            if typ == "merge":
+                for s in sup.get(eid, ()):
+                    if s in live or dropped_by.get(s):
+                        live.pop(s, None)
+                        dropped_by.setdefault(s, set()).add(eid)
+        return sorted(live, key=lambda i: g[i][0])
+
+    def ancestors(self, event: Event) -> set[str]:
+        g = self._graph()
+        seen, stack = set(), [event.id]
+        while stack:
+            eid = stack.pop()
+            if eid in seen or eid not in g:
+                continue
+            seen.add(eid)
+            _, _, parent, parents, _, _ = g[eid]
+            if parent:
+                stack.append(parent)
+            stack.extend(parents)
+        return seen
+
+    def active(self, ref: str | Event = "HEAD") -> list[Event]:
+        """Delta-carrying events in effect at ``ref``, in sequence order (reverts applied)."""
+        ev = ref if isinstance(ref, Event) else self.resolve(ref)
+        ids = self._live(self.ancestors(ev))
+        if not ids:
+            return []
+        out = []
+        with self._connect() as con:
+            for i in range(0, len(ids), 1000):
+                chunk = ids[i : i + 1000]
+                rows = con.execute(
+                    f"SELECT {', '.join(_COLUMNS)} FROM events WHERE id IN ({', '.join('?' for _ in chunk)})", chunk
+                ).fetchall()
+                out.extend(_row_to_event(r) for r in rows)
+        return sorted(out, key=lambda e: e.seq)
+
+    def load_delta(self, event: Event) -> Delta:
+        if not event.delta_sha256:
+            raise StateError(f"expected event {event.id} to carry a delta, found a {event.type} event without one")
+        return Delta.from_bytes(self.objects.get(event.delta_sha256), expected_sha256=event.delta_sha256)
+
+    # --- writes --------------------------------------------------------------------------
+    def append(
+        self,
+        type: str,
+        *,
+        request: Any = None,
+        method: str | None = None,
+        config: Any = None,
+        ensemble: Any = None,
+        metrics: Any = None,
+        target: str | None = None,
+        message: str | None = None,
+        delta: Delta | bytes | None = None,
+        branch: str | None = None,
+        parent: str | None = None,
+        parents: Sequence[str] = (),
+        expect_head: str | None = None,
+        lock_timeout: float | None = None,
+        check: Callable[["Ledger", Event], None] | None = None,
+    ) -> Event:
+        """Append one event. The delta object is stored first (idempotent, content-addressed),
+        then, under the write lock, the row is validated against the current head and inserted.
+
+        ``expect_head``: refuse if the branch head moved since the edit was computed (another
+        writer appended meanwhile), like a non-fast-forward push. ``check(ledger, head)`` runs
+        under the lock for extra validation (e.g. that a revert's target is active).
+        """
+        if type not in EVENT_TYPES:
+            raise UsageError(f"expected an event type in {EVENT_TYPES}, found {type!r}")
+        delta_sha = delta_bytes = None
+        if delta is not None:
+            data = delta if isinstance(delta, bytes) else delta.to_bytes()
+            delta_sha, delta_bytes = self.objects.put(data)
+        branch = branch or self.current_branch()
+        if not _BRANCH_RE.match(branch) or branch == "HEAD":
+            raise UsageError(f"expected a branch name of letters, digits and ._/-, found {branch!r}")
+        # JSON must be canonical-able before we take the lock
+        for name, value in (("request", request), ("config", config), ("ensemble", ensemble), ("metrics", metrics)):
+            try:
+                canonical_json(value)
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"{name} must be JSON without NaN/Inf, found: {exc}") from None
+        with self.write_lock(lock_timeout):
+            self._graph_cache = None
+            if check is not None:  # checks read through their own (read-only) connections
+                check(self, self._maybe_head(branch))
+            with self._connect(read_only=False) as con:
+                head = _head(con, branch)
+                if head is None and type != "branch":
+                    raise NotFoundError(f"expected a branch named {branch!r}, found none")
+                if expect_head is not None and head is not None and head.id != expect_head:
+                    raise StateError(
+                        f"expected branch {branch!r} at {expect_head}, found it moved to {head.id} while the"
+                        " edit was computed; run the command again"
+                    )
+                if parent is None and head is not None and type in MODEL_EVENT_TYPES + ("audit",):
+                    parent = head.id
+                last = con.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+                body = {
+                    "seq": int(last[0]) + 1, "type": type, "parent": parent, "parents": list(parents),
+                    "branch": branch, "created_at": _now(), "request": request, "method": method,
+                    "config": config, "ensemble": ensemble, "metrics": metrics, "target": target,
+                    "message": message, "delta_sha256": delta_sha, "delta_bytes": delta_bytes,
+                    "prev_hash": last[1],
+                }
+                h = row_hash(body)
+                con.execute("BEGIN TRANSACTION")
+                _insert(con, body, h)
+                con.execute("COMMIT")
+            self._graph_cache = None
+            return _event_from_body(body, h)
+
+    def append_many(self, items: Sequence[dict[str, Any]], *, branch: str | None = None,
+                    lock_timeout: float | None = None, workers: int = 4) -> list[Event]:
+        """Append many events under one lock in one transaction (bulk imports, synthetic ledgers).
+
+        Each item holds ``append``'s keyword arguments (``type`` required; ``branch``, ``check``
+        and ``expect_head`` are not taken per item). Delta objects are stored first, in a thread
+        pool; rows get ``append``'s validation and hash chain, and a model event without an
+        explicit ``parent`` follows the previous model event, as ``append`` would. Every row
+        commits or none does.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        branch = branch or self.current_branch()
+        if not _BRANCH_RE.match(branch) or branch == "HEAD":
+            raise UsageError(f"expected a branch name of letters, digits and ._/-, found {branch!r}")
+        allowed = {"type", "request", "method", "config", "ensemble", "metrics", "target", "message",
+                   "delta", "parent", "parents"}
+        for i, it in enumerate(items):
+            extra = set(it) - allowed
+            if extra:
+                raise UsageError(f"append_many item {i}: unsupported fields {sorted(extra)}")
+            if it.get("type") not in EVENT_TYPES or it.get("type") == "branch":
+                raise UsageError(f"append_many item {i}: expected an event type in {EVENT_TYPES} other than"
+                                 f" 'branch', found {it.get('type')!r}")
+            for name in ("request", "config", "ensemble", "metrics"):
+                try:
+                    canonical_json(it.get(name))
+                except (TypeError, ValueError) as exc:
+                    raise UsageError(f"append_many item {i}: {name} must be JSON without NaN/Inf, found: {exc}") from None
+
+        def put(it: dict[str, Any]) -> tuple[str | None, int | None]:
+            d = it.get("delta")
+            if d is None:
+                return None, None
+            return self.objects.put(d if isinstance(d, bytes) else d.to_bytes())
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            stored = list(pool.map(put, items))
+        out: list[Event] = []
+        with self.write_lock(lock_timeout):
+            self._graph_cache = None
+            with self._connect(read_only=False) as con:
+                head = _head(con, branch)
+                if head is None:
+                    raise NotFoundError(f"expected a branch named {branch!r}, found none")
+                last = con.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+                seq, prev, head_id = int(last[0]), last[1], head.id
+                rows, now = [], _now()
+                for it, (sha, nbytes) in zip(items, stored):
+                    typ = it["type"]
+                    parent = it.get("parent")
+                    if parent is None and typ in MODEL_EVENT_TYPES + ("audit",):
+                        parent = head_id
+                    seq += 1
+                    body = {
+                        "seq": seq, "type": typ, "parent": parent, "parents": list(it.get("parents") or ()),
+                        "branch": branch, "created_at": now, "request": it.get("request"),
+                        "method": it.get("method"), "config": it.get("config"), "ensemble": it.get("ensemble"),
+                        "metrics": it.get("metrics"), "target": it.get("target"), "message": it.get("message"),
+                        "delta_sha256": sha, "delta_bytes": nbytes, "prev_hash": prev,
+                    }
+                    h = row_hash(body)
+                    rows.append(_insert_values(body, h))
+                    out.append(_event_from_body(body, h))
+                    prev = h
+                    if typ in MODEL_EVENT_TYPES:
+                        head_id = h[:12]
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    one = "(" + ", ".join("?" for _ in _COLUMNS) + ")"
+                    for i in range(0, len(rows), 256):  # multi-row VALUES: executemany costs ms per row
+                        chunk = rows[i : i + 256]
+                        con.execute(f"INSERT INTO events ({', '.join(_COLUMNS)}) VALUES "
+                                    + ", ".join(one for _ in chunk), [v for r in chunk for v in r])
+                    con.execute("COMMIT")
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+            self._graph_cache = None
+        return out
+
+    def revert(self, target_ref: str, *, message: str | None = None, branch: str | None = None,
+               lock_timeout: float | None = None) -> Event:
+        """Append a compensating event: the target's delta leaves the model (exactly)."""
+        target = self.resolve(target_ref)
+
+        def check(ledger: "Ledger", head: Event | None) -> None:
+            if target.type not in DELTA_EVENT_TYPES:
+                raise StateError(f"expected an edit event (add/merge/forget/learn) to revert, found a {target.type} event {target.id}")
+            if head is None or target.id not in ledger.ancestors(head):
+                raise StateError(f"event {target.id} is not in the history of branch {branch or ledger.current_branch()!r}")
+            active = {e for e in ledger._active_ids(head)}
+            if target.id not in active:
+                by = ledger._reverted_by(head, target.id)
+                raise StateError(f"event {target.id} is already reverted" + (f" by {by}" if by else ""))
+
+        return self.append("revert", target=target.id, message=message or f"revert {target.id}", branch=branch,
+                           check=check, lock_timeout=lock_timeout,
+                           request=target.request, method=target.method)
+
+    def _active_ids(self, head: Event) -> list[str]:
+        return self._live(self.ancestors(head))
+
+    def _reverted_by(self, head: Event, target: str) -> str | None:
+        g = self._graph()
+        anc = self.ancestors(head)
+        for eid in anc:
+            if g[eid][1] == "revert" and g[eid][4] == target:
+                return eid
+        for eid in anc:  # or taken out by a merge that superseded it
+            if target in getattr(self, "_supersedes", {}).get(eid, ()):
+                return eid
+        return None
+
+    # --- integrity -----------------------------------------------------------------------
+    def verify(self, *, check_objects: bool = True, progress: Callable[[int], None] | None = None) -> VerifyReport:
+        """Stream every row in order: recompute hashes and the chain, check objects, list orphans."""
+        rep = VerifyReport()
+        t0 = time.perf_counter()
+        prev_hash = GENESIS
+        expected_seq = 0
+        ids: set[str] = set()
+        referenced: set[str] = set()
+        try:
+            for ev in self.iter_events():
+                rep.rows += 1
+                if progress:
+                    progress(1)
+                problem = None
+                body = ev.body()
+                if ev.seq != expected_seq:
+                    problem = f"expected sequence number {expected_seq}, found {ev.seq} (a row is missing)"
+                elif ev.prev_hash != prev_hash:
+                    problem = "prev_hash does not match the previous row's hash (chain broken)"
+                elif row_hash(body) != ev.hash:
+                    problem = "content does not match its hash (row changed after it was written)"
+                elif ev.id != ev.hash[:12]:
+                    problem = f"id {ev.id} does not match its hash {ev.hash[:12]}"
+                elif ev.type not in EVENT_TYPES:
+                    problem = f"unknown event type {ev.type!r}"
+                elif ev.parent and ev.parent not in ids:
+                    problem = f"parent {ev.parent} is not an earlier event"
+                elif check_objects and ev.delta_sha256:
+                    try:
+                        data = self.objects.get(ev.delta_sha256)
+                        if len(data) != ev.delta_bytes:
+                            problem = f"delta object has {len(data)} bytes, the row records {ev.delta_bytes}"
+                        rep.objects_checked += 1
+                    except KledgerError as exc:
+                        problem = str(exc)
+                if problem:
+                    rep.bad_row, rep.problem = ev.seq, f"row {ev.seq} (event {ev.id}): {problem}"
+                    break
+                ids.add(ev.id)
+                if ev.delta_sha256:
+                    referenced.add(ev.delta_sha256)
+                prev_hash = ev.hash
+                expected_seq += 1
+        except duckdb.Error as exc:
+            rep.problem = f"ledger database unreadable: {exc}"
+        if rep.ok:
+            rep.orphans = [sha for sha in self.objects if sha not in referenced]
+        rep.temp_files = [str(p) for p in self.objects.temp_files()]
+        rep.seconds = time.perf_counter() - t0
+        return rep
+
+
+def _head(con: duckdb.DuckDBPyConnection, branch: str) -> Event | None:
+    row = con.execute(
+        f"SELECT {', '.join(_COLUMNS)} FROM events WHERE branch = ? AND type IN"
+        f" ({', '.join('?' for _ in MODEL_EVENT_TYPES)}) ORDER BY seq DESC LIMIT 1",
+        [branch, *MODEL_EVENT_TYPES],
+    ).fetchone()
+    return None if row is None else _row_to_event(row)
+
+
+def _insert(con: duckdb.DuckDBPyConnection, body: dict[str, Any], h: str) -> None:
+    con.execute(f"INSERT INTO events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})",
+                _insert_values(body, h))
+
+
+def _insert_values(body: dict[str, Any], h: str) -> list[Any]:
+    values = []
+    for c in _COLUMNS:
+        if c == "id":
+            values.append(h[:12])
+        elif c == "hash":
+            values.append(h)
+        elif c in _JSON_COLUMNS:
+            v = body[c]
+            values.append(None if v is None and c != "parents" else canonical_json(v if v is not None else []))
+        else:
+            values.append(body[c])
+    return values
+
+
+def _event_from_body(body: dict[str, Any], h: str) -> Event:
+    d = dict(body)
+    d["parents"] = tuple(d["parents"])
+    # round-trip JSON so the returned event equals what a later read gives
+    for k in ("request", "config", "ensemble", "metrics"):
+        if d[k] is not None:
+            d[k] = json.loads(canonical_json(d[k]))
+    return Event(id=h[:12], hash=h, **d)

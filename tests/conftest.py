@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny models built from configs, saved and loaded through the real code path.
+
+The tokenizer is a small word-level tokenizer built in the test (no download): it knows the
+words the tests use, with a leading-space convention like GPT-2's byte-level BPE ("Ġword").
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+
+WORDS = (
+    "The Eiffel Tower is located in the city of Paris Rome London Berlin Madrid France Italy "
+    "Danielle Darrieux mother tongue language English French German Spanish Michel Rocard a native speaker "
+    "capital Germany Spain Where from people speak Alice Bob works as doctor teacher lawyer plays piano guitar "
+    "violin sky blue green red grass color and what question answer Apple company founded by Steve Jobs Bill Gates "
+    "Microsoft Google Amazon river Nile Seine Thames flows through Egypt England music jazz rock born year "
+    "one two three four five six seven eight nine ten , . ? ! : ' s"
+).split()
+
+
+def make_tokenizer(path: pathlib.Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<eos>": 2}
+    for w in WORDS:
+        for form in (w, "Ġ" + w):
+            vocab.setdefault(form, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    fast.save_pretrained(str(path))
+    return fast, len(vocab)
+
+
+def _vocab_size() -> int:
+    return 2 * len(dict.fromkeys(WORDS)) + 3 + 8  # a little slack; exact size does not matter
+
+
+def build_tiny(path: pathlib.Path, kind: str, seed: int = 0) -> pathlib.Path:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok, n = make_tokenizer(path)
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          pad_token_id=1, eos_token_id=2, bos_token_id=2, tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = GPT2Config(vocab_size=n, n_layer=2, n_embd=32, n_head=4, n_positions=64,
+                         pad_token_id=1, eos_token_id=2, bos_token_id=2)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> pathlib.Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_dir(request, tiny_llama_dir, tiny_gpt2_dir) -> pathlib.Path:
+    return tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # fingerprint/file-hash caches go to a per-session temp dir; the converted real model stays shared
+    cache = tmp_path_factory.getbasetemp() / "kledger-cache"
+    real = pathlib.Path.home() / ".cache" / "kledger" / "models"
+    cache.mkdir(exist_ok=True)
+    if real.is_dir() and not (cache / "models").exists():
+        (cache / "models").symlink_to(real)
+    monkeypatch.setenv("KLEDGER_CACHE", str(cache))
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("KLEDGER_SLOW") != "1":
+        skip = pytest.mark.skip(reason="slow benchmark: set KLEDGER_SLOW=1")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
