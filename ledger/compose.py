@@ -62,18 +62,32 @@ def apply_deltas(model: nn.Module, deltas: Iterable[Delta], signs: Iterable[floa
 
 
 def materialise(ledger: Ledger, model: nn.Module, ref: str | Event = "HEAD",
-                progress: Callable[[int], None] | None = None) -> Materialised:
-    """Turn a freshly loaded base model into the model at ``ref``. The model must be the base."""
+                progress: Callable[[int], None] | None = None, *, chunk: int = 4096,
+                workers: int | None = None) -> Materialised:
+    """Turn a freshly loaded base model into the model at ``ref``. The model must be the base.
+
+    Delta objects are read and decoded in a thread pool (``Ledger.load_deltas``) and summed per
+    tensor in fp32, ``chunk`` events at a time, so memory stays bounded by one chunk of deltas
+    plus the fp32 sums of the touched tensors; with at most ``chunk`` active edits this is one
+    ``accumulate`` call over the whole active set, exactly as before. The sums are written into
+    the parameters in place, cast once.
+    """
     t0 = time.perf_counter()
     version = ref if isinstance(ref, Event) else ledger.resolve(ref)
     active = ledger.active(version)
-    deltas = []
-    for ev in active:
-        deltas.append(ledger.load_delta(ev))
+    params = dict(model.named_parameters())
+    sums: dict[str, torch.Tensor] = {}
+    for i in range(0, len(active), max(1, chunk)):
+        part = active[i : i + max(1, chunk)]
+        deltas = ledger.load_deltas(part, workers)
+        sums.update(accumulate({**params, **sums}, deltas))
+        del deltas
         if progress:
-            progress(1)
-    names = apply_deltas(model, deltas) if deltas else []
-    return Materialised(version, tuple(active), tuple(names), time.perf_counter() - t0)
+            progress(len(part))
+    with torch.no_grad():
+        for name, value in sums.items():
+            params[name].copy_(value.to(params[name].dtype))
+    return Materialised(version, tuple(active), tuple(sorted(sums)), time.perf_counter() - t0)
 
 
 def export(ledger: Ledger, model: nn.Module, tok, out_dir: str | os.PathLike, ref: str | Event = "HEAD",

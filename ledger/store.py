@@ -27,17 +27,19 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import duckdb
 
 from kledger.ledger.canonical import canonical_json, sha256_hex
-from kledger.ledger.deltas import Delta
 from kledger.ledger.errors import (
     IntegrityError, KledgerError, LedgerBusyError, NotFoundError, StateError, UsageError,
 )
 from kledger.ledger.objects import ObjectStore
 from kledger.ledger.records import DELTA_EVENT_TYPES, EVENT_TYPES, MODEL_EVENT_TYPES, Event
+
+if TYPE_CHECKING:  # torch is imported only when a delta is decoded (load_delta)
+    from kledger.ledger.deltas import Delta
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +188,11 @@ class Ledger:
     # --- connections ---------------------------------------------------------------------
     @contextlib.contextmanager
     def _connect(self, read_only: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+        if getattr(self, "_session_con", None) is not None:
+            if not read_only:
+                raise StateError("expected no write inside a read session (Ledger.session), found one")
+            yield self._session_con
+            return
         deadline = time.monotonic() + float(os.environ.get("KLEDGER_READ_TIMEOUT", "15"))
         delay = 0.01
         while True:
@@ -201,6 +208,25 @@ class Ledger:
             yield con
         finally:
             con.close()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator["Ledger"]:
+        """Hold one read-only connection for a burst of reads (a CLI read command, a merge plan).
+
+        Opening a DuckDB connection costs milliseconds, and a command reads many times. While
+        the session lasts, other processes cannot append (DuckDB's file lock), and this handle
+        cannot write: keep sessions short and never compute an edit inside one. Nested sessions
+        reuse the outer one.
+        """
+        if getattr(self, "_session_con", None) is not None:
+            yield self
+            return
+        with self._connect() as con:
+            self._session_con = con
+            try:
+                yield self
+            finally:
+                self._session_con = None
 
     @contextlib.contextmanager
     def write_lock(self, timeout: float | None = None) -> Iterator[None]:
@@ -381,7 +407,8 @@ class Ledger:
         self._graph_cache = (n, g)
         return g
 
-    def _live(self, anc: Iterable[str]) -> list[str]:
+    def _live(self, anc: Iterable[str], g: dict[str, Any] | None = None,
+              sup: dict[str, tuple[str, ...]] | None = None) -> list[str]:
         """Ids of the delta events in effect over ``anc`` (a set of events closed under parents).
 
         The active-set rule, the same for a straight history, a branch and a merge:
@@ -398,8 +425,10 @@ class Ledger:
         after the merge (as a change does in git), and an edit reverted on both sides leaves
         once. Returned in sequence order.
         """
-        g = self._graph()
-        sup = getattr(self, "_supersedes", {})
+        if g is None:
+            g = self._graph()
+            sup = getattr(self, "_supersedes", {})
+        sup = sup or {}
         live: dict[str, None] = {}
         dropped_by: dict[str, set[str]] = {}
         for eid in sorted(anc, key=lambda i: g[i][0]):
@@ -438,22 +467,81 @@ class Ledger:
     def active(self, ref: str | Event = "HEAD") -> list[Event]:
         """Delta-carrying events in effect at ``ref``, in sequence order (reverts applied)."""
         ev = ref if isinstance(ref, Event) else self.resolve(ref)
-        ids = self._live(self.ancestors(ev))
+        return self.events_by_ids(self._live(self.ancestors(ev)))
+
+    def active_among(self, ids: Iterable[str], ref: str | Event = "HEAD") -> set[str]:
+        """Which of the events ``ids`` are active at ``ref``, reading only the rows from the
+        oldest of them to ``ref``: whatever changes an event's state (a revert, a merge that
+        supersedes it, the revert of that merge) comes after it. ``log -n 20`` and ``show`` of a
+        recent event stay O(window) on a ledger of any length."""
+        ids = set(ids)
+        if not ids:
+            return set()
+        with self.session():
+            ev = ref if isinstance(ref, Event) else self.resolve(ref)
+            with self._connect() as con:
+                q = ", ".join("?" for _ in ids)
+                lo = con.execute(f"SELECT min(seq) FROM events WHERE id IN ({q})", list(ids)).fetchone()[0]
+                if lo is None or lo > ev.seq:
+                    return set()
+                rows = con.execute(
+                    "SELECT seq, id, type, parent, parents, target, delta_sha256,"
+                    " CASE WHEN type = 'merge' THEN config END FROM events WHERE seq >= ? AND seq <= ? ORDER BY seq",
+                    [lo, ev.seq],
+                ).fetchall()
+        g = {r[1]: (r[0], r[2], r[3], tuple(json.loads(r[4])), r[5], r[6]) for r in rows}
+        sup = {r[1]: tuple((json.loads(r[7]) or {}).get("supersedes") or ()) for r in rows if r[7] is not None}
+        seen, stack = set(), [ev.id]
+        while stack:
+            eid = stack.pop()
+            if eid in seen or eid not in g:
+                continue
+            seen.add(eid)
+            _, _, parent, parents, _, _ = g[eid]
+            if parent:
+                stack.append(parent)
+            stack.extend(parents)
+        return ids & set(self._live(seen, g, sup))
+
+    def events_by_ids(self, ids: Sequence[str]) -> list[Event]:
+        """The events with these (full) ids, in sequence order."""
         if not ids:
             return []
         out = []
         with self._connect() as con:
             for i in range(0, len(ids), 1000):
-                chunk = ids[i : i + 1000]
+                chunk = list(ids[i : i + 1000])
                 rows = con.execute(
                     f"SELECT {', '.join(_COLUMNS)} FROM events WHERE id IN ({', '.join('?' for _ in chunk)})", chunk
                 ).fetchall()
                 out.extend(_row_to_event(r) for r in rows)
         return sorted(out, key=lambda e: e.seq)
 
+    def load_deltas(self, events: Sequence[Event], workers: int | None = None) -> list["Delta"]:
+        """``load_delta`` for many events: objects are read, hash-checked (once) and decoded in a
+        thread pool (file reads, hashing and safetensors decoding release the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from kledger.ledger.deltas import Delta
+
+        for ev in events:
+            if not ev.delta_sha256:
+                raise StateError(f"expected event {ev.id} to carry a delta, found a {ev.type} event without one")
+
+        def one(ev: Event) -> "Delta":
+            return Delta.from_bytes(self.objects.get(ev.delta_sha256))  # get() checks the content hash
+
+        n = workers or min(8, (os.cpu_count() or 1) + 2)
+        if n <= 1 or len(events) < 8:
+            return [one(e) for e in events]
+        with ThreadPoolExecutor(n) as pool:
+            return list(pool.map(one, events))
+
     def load_delta(self, event: Event) -> Delta:
         if not event.delta_sha256:
             raise StateError(f"expected event {event.id} to carry a delta, found a {event.type} event without one")
+        from kledger.ledger.deltas import Delta
+
         return Delta.from_bytes(self.objects.get(event.delta_sha256), expected_sha256=event.delta_sha256)
 
     # --- writes --------------------------------------------------------------------------
