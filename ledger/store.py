@@ -731,8 +731,15 @@ class Ledger:
         return None
 
     # --- integrity -----------------------------------------------------------------------
-    def verify(self, *, check_objects: bool = True, progress: Callable[[int], None] | None = None) -> VerifyReport:
-        """Stream every row in order: recompute hashes and the chain, check objects, list orphans."""
+    def verify(self, *, check_objects: bool = True, progress: Callable[[int], None] | None = None,
+               anchor: str | None = None) -> VerifyReport:
+        """Stream every row in order: recompute hashes and the chain, check objects, list orphans.
+
+        A chain rewritten consistently from some row on (every later hash recomputed) is only
+        detectable against a hash kept outside the ledger: ``anchor`` is such a row hash (from an
+        earlier ``kledger log --json``, an export's ``kledger.json``, a nightly audit log); the
+        verified chain must contain it, which pins every row up to the anchor.
+        """
         rep = VerifyReport()
         t0 = time.perf_counter()
         prev_hash = GENESIS
@@ -776,6 +783,13 @@ class Ledger:
                 expected_seq += 1
         except duckdb.Error as exc:
             rep.problem = f"ledger database unreadable: {exc}"
+        if rep.ok and anchor is not None:
+            anchor = anchor.strip().lower()
+            with self._connect() as con:
+                hit = con.execute("SELECT seq FROM events WHERE hash = ?", [anchor]).fetchone()
+            if hit is None:
+                rep.problem = (f"expected the anchor hash {anchor[:16]}… in the verified chain, found no such row"
+                               " (the history was rewritten, or the anchor belongs to another ledger)")
         if rep.ok:
             rep.orphans = [sha for sha in self.objects if sha not in referenced]
         rep.temp_files = [str(p) for p in self.objects.temp_files()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import select
@@ -281,3 +282,31 @@ def test_busy_lock_fails_fast_and_readers_still_work(tmp_path, deltas_dir):
     # once the lock is free, appends go through
     L.append("add", request={"prompt": "two", "target_new": " x"}, delta=delta(2))
     assert L.count() == 3 and L.verify().ok
+
+
+def test_consistently_rewritten_chain_is_caught_by_an_anchor(tmp_path):
+    """Rewriting a row and re-hashing every later row passes plain verify; an anchor catches it."""
+    import duckdb as _duckdb
+
+    from kledger.ledger.store import Ledger as _Ledger, row_hash as _row_hash
+
+    led = _Ledger.create(tmp_path, {"fingerprint": "x"})
+    for i in range(3):
+        led.append("audit", metrics={"i": i})
+    anchor = led.events(limit=1)[0].hash
+    rows = [e for e in led.iter_events()]
+    con = _duckdb.connect(str(led.db_path))
+    prev = rows[0].hash
+    for ev in rows[1:]:
+        body = ev.body()
+        body["prev_hash"] = prev
+        if ev.seq == 1:
+            body["metrics"] = {"i": 99}
+        h = _row_hash(body)
+        con.execute("UPDATE events SET metrics = ?, prev_hash = ?, hash = ?, id = ? WHERE seq = ?",
+                    [json.dumps(body["metrics"], separators=(",", ":")), prev, h, h[:12], ev.seq])
+        prev = h
+    con.close()
+    assert led.verify().ok  # consistent rewrite: the chain alone cannot tell
+    rep = led.verify(anchor=anchor)
+    assert not rep.ok and "anchor" in rep.problem
