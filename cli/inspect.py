@@ -34,13 +34,14 @@ def _history(ledger, start: Event, n: int | None) -> list[Event]:
 def log_cmd(app: App, limit, show_all, ref) -> None:
     """List events, newest first (one line each)."""
     ledger = app.ledger()
-    events = ledger.events(limit=limit) if show_all else _history(ledger, ledger.resolve(ref), limit)
-    active = {e.id for e in ledger.active(ref)} if not show_all else None
+    with ledger.session():  # one connection; only the listed window of history is read
+        events = ledger.events(limit=limit) if show_all else _history(ledger, ledger.resolve(ref), limit)
+        active = ledger.active_among([e.id for e in events], ref) if not show_all else None
+        head = ledger.head().id
     if app.as_json:
         app.emit([e.to_json() | ({"active": e.id in active} if active is not None and e.type == "add" else {})
                   for e in events])
         return
-    head = ledger.head().id
     for e in events:
         mark = " (HEAD)" if e.id == head else ""
         if active is not None and e.type in ("add", "forget", "learn", "merge") and e.id not in active:
@@ -54,11 +55,12 @@ def log_cmd(app: App, limit, show_all, ref) -> None:
 def show(app: App, event: str) -> None:
     """Show one event in full: request, method config, ensemble, metrics, delta."""
     ledger = app.ledger()
-    ev = ledger.resolve(event)
-    data = ev.to_json()
+    with ledger.session():
+        ev = ledger.resolve(event)
+        data = ev.to_json()
+        data["active_at_head"] = ev.id in ledger.active_among([ev.id], "HEAD")
     if ev.delta_sha256:
         data["delta"] = ledger.load_delta(ev).summary()
-    data["active_at_head"] = ev.id in {e.id for e in ledger.active("HEAD")}
     if app.as_json:
         app.emit(data)
         return
@@ -68,9 +70,21 @@ def show(app: App, event: str) -> None:
               "delta_sha256", "delta_bytes", "active_at_head", "hash"):
         if data.get(k) not in (None, [], ""):
             click.echo(f"{k:>14}: {data[k]}")
-    for k in ("request", "config", "ensemble", "metrics", "delta"):
+    for k in ("request", "config", "ensemble", "metrics"):
         if data.get(k):
             click.echo(f"{k:>14}: " + json.dumps(data[k], indent=2, sort_keys=True).replace("\n", "\n" + " " * 16))
+    if data.get("delta"):
+        d = data["delta"]
+        sizes = {f: sum(1 for v in d.values() if v["format"] == f) for f in ("sparse", "lowrank", "dense")}
+        nnz = sum(v.get("nnz", 0) for v in d.values())
+        click.echo(f"{'delta':>14}: {len(d)} tensors ({', '.join(f'{n} {f}' for f, n in sizes.items() if n)})"
+                   + (f", {nnz} entries" if nnz else ""))
+        top = sorted(d.items(), key=lambda kv: -kv[1]["fro_norm"])
+        for name, v in top[:8]:
+            size = f"nnz {v['nnz']}" if "nnz" in v else (f"rank {v['rank']}" if "rank" in v else "dense")
+            click.echo(f"{'':>16}{name}  {tuple(v['shape'])}  {size}  ‖Δ‖={v['fro_norm']:.4g}")
+        if len(top) > 8:
+            click.echo(f"{'':>16}… {len(top) - 8} more (--json for all)")
 
 
 @cli.command()
@@ -87,13 +101,14 @@ def status(app: App) -> None:
 
 @cli.command()
 @click.option("--no-objects", is_flag=True, help="Check the hash chain only, not the delta objects.")
+@click.option("--anchor", metavar="HASH", help="A row hash kept outside the ledger that the chain must contain.")
 @pass_app
-def verify(app: App, no_objects: bool) -> None:
+def verify(app: App, no_objects: bool, anchor: str | None) -> None:
     """Check the hash chain, every row and every delta object; exit 4 on the first bad row."""
     ledger = app.ledger()
     bar = app.progress(total=ledger.count(), desc="verify")
     try:
-        rep = ledger.verify(check_objects=not no_objects, progress=bar.update)
+        rep = ledger.verify(check_objects=not no_objects, progress=bar.update, anchor=anchor)
     finally:
         bar.close()
     data = rep.to_json()

