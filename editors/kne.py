@@ -132,13 +132,22 @@ class KNEConfig:
             raise UsageError(f"lr: expected a positive number, found {self.lr!r}")
         if self.locality_weight < 0:
             raise UsageError(f"locality_weight: expected a non-negative number, found {self.locality_weight!r}")
+        if self.contrast_weight < 0 or self.contrast_margin < 0:
+            raise UsageError(
+                f"contrast_weight and contrast_margin: expected non-negative numbers, found"
+                f" {self.contrast_weight!r} and {self.contrast_margin!r}"
+            )
         if self.alpha is not None and self.alpha <= 0:
             raise UsageError(f"alpha: expected a positive number or None, found {self.alpha!r}")
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
-            if not self.layers:
-                raise UsageError("layers: expected at least one layer index or None, found an empty list")
-        object.__setattr__(self, "exclude_layers", tuple(int(x) for x in self.exclude_layers))
+        for name in ("layers", "exclude_layers"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, int) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+                raise UsageError(f"{name}: expected a list of layer indices (integers), found {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if self.layers is not None and not self.layers:
+            raise UsageError("layers: expected at least one layer index or None, found an empty list")
         object.__setattr__(self, "locality_prompts", tuple(self.locality_prompts))
         object.__setattr__(self, "context_prefixes", tuple(self.context_prefixes))
         object.__setattr__(self, "contrast_subjects", tuple(self.contrast_subjects))

@@ -10,17 +10,22 @@ import importlib
 from kledger.ledger.errors import UsageError
 
 #: name → "module:Class". Add new methods here.
-EDITORS: dict[str, str] = {
+EDITORS: dict[str, "str | type"] = {
     "kne": "kledger.editors.kne:KNEEditor",
     "forget": "kledger.editors.unlearn:UnlearnEditor",
     "learn": "kledger.editors.unlearn:LearnEditor",
+    "memit": "kledger.editors.memit:MEMITEditor",
+    "alphaedit": "kledger.editors.alphaedit:AlphaEditEditor",
 }
 
 
 def editor_class(name: str):
     if name not in EDITORS:
         raise UsageError(f"expected a method in {sorted(EDITORS)}, found {name!r}")
-    module, cls = EDITORS[name].split(":")
+    entry = EDITORS[name]
+    if not isinstance(entry, str):  # a class registered directly (plugins, tests)
+        return entry
+    module, cls = entry.split(":")
     return getattr(importlib.import_module(module), cls)
 
 

@@ -100,6 +100,15 @@ def test_one_result_per_request_each_from_the_given_model(models):
         assert torch.allclose(td.values, both[1].delta.tensors[k].values, atol=1e-6)
 
 
+def test_request_without_subject_or_true_answer(models):
+    model, tok, _ = models["gpt2"]
+    req = FactRequest("The city of", " Rome")
+    (res,) = run(model, tok, [req], **STRONG)
+    assert "p_true_before" not in res.metrics and res.metrics["p_target_after"] > res.metrics["p_target_before"]
+    with applied(model, [res.delta]):
+        assert target_token_accuracy(model, tok, [req.prompt], [req.target_new]) == [1.0]
+
+
 # --- ensemble and delta ------------------------------------------------------------------------
 
 
@@ -154,17 +163,25 @@ def test_threshold_counts(models):
     assert set(d.ensemble["per_layer"]) == {"0"} and d.ensemble["candidates"] == 6144
 
 
-def test_global_selection_is_top_grad_x_weight_and_first_step_is_masked_adam(models):
-    """Reference calculation: scores |∂NLL/∂w · w|, the global top-k, and Adam's first update."""
+@pytest.mark.parametrize("contrast", [0.0, 2.0])
+def test_global_selection_is_top_grad_x_weight_and_first_step_is_masked_adam(models, contrast):
+    """Reference calculation: scores |∂L/∂w · w|, the global top-k, and Adam's first update, where
+    L = NLL, or NLL − γ·mean NLL after the contrast prompts (the contrast hinge's start gradient)."""
     model, tok, _ = models["llama"]
     k, lr = 300, 0.01
-    (res,) = run(model, tok, [REQ], count=k, lr=lr, max_steps=1, stop_margin=1e9, **BARE)
+    subjects = ("Alice", "Bob") if contrast else ()
+    cfg = dict(BARE, contrast_subjects=subjects, contrast_weight=contrast)
+    (res,) = run(model, tok, [REQ], count=k, lr=lr, max_steps=1, stop_margin=1e9, **cfg)
     cands = candidate_params(model, None, ())
     params = [p for _, p in cands.values()]
     for p in params:
         p.requires_grad_(True)
     try:
-        grads = torch.autograd.grad(mean_nll(model, tok, REQ), params)
+        loss = mean_nll(model, tok, REQ)
+        for s in subjects:
+            other = FactRequest(REQ.prompt.replace(REQ.subject, s), REQ.target_new)
+            loss = loss - contrast * mean_nll(model, tok, other) / len(subjects)
+        grads = torch.autograd.grad(loss, params)
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -277,7 +294,7 @@ def test_config_validation_and_overrides():
                                   "fraction": "0.002", "alpha": "2.0", "layers": "[1, 2]"})
     assert cfg.attribution == "integrated_gradients" and cfg.fraction == 0.002 and cfg.layers == (1, 2)
     for bad in ({"attribution": "random"}, {"threshold": "local"}, {"fraction": "0"}, {"count": "0"},
-                {"lr": "-1"}, {"ig_steps": "0"}):
+                {"lr": "-1"}, {"ig_steps": "0"}, {"contrast_weight": "-1"}, {"exclude_layers": "[1.5]"}):
         with pytest.raises(UsageError):
             make_config(KNEConfig, bad)
     assert KNEEditor.name == "kne" and KNEEditor.paper == "https://arxiv.org/abs/2412.20637"

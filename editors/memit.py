@@ -1,0 +1,67 @@
+"""MEMIT — Mass-Editing Memory in a Transformer (Meng et al., arXiv 2210.07229), with BLUE.
+
+Per batch of fact requests (see ``kledger.editors.locate`` for the shared pieces):
+
+1. ``z = h + δ`` at the last critical layer L (v*: target NLL over the raw prompt and a few
+   sampled context prefixes, KL on "{subject} is a", weight decay, clamp, Adam, early stop);
+2. for each critical layer l (ascending): keys ``K_l`` at the subject's last token (averaged over
+   the prefixes), ``R = (Z − H_L)/(critical layers left)`` with ``H_L`` from the current working
+   copy, ``ΔW_l = R K_lᵀ (λ C0_l + K_l K_lᵀ)⁻¹`` (float64), written into the working copy before
+   the next layer;
+3. BLUE (``blue=True``, arXiv 2502.03748): only the first and last critical layers; for each in
+   turn z is computed at that layer and the whole residual ``Z_l − H_l`` is written there.
+
+``C0 = E[k kᵀ]`` comes from ``kledger.editors.stats`` (cached, content-addressed). The delta is
+a ``LowRankDelta`` per edited tensor; with ``split_batch`` (default) every request gets its own
+EditResult holding its rank-1 share per layer, and the shares sum to the batch update.
+
+Defaults (measured on SmolLM2-135M, CounterFact; numbers in bench/results/locate_edit.md):
+see ``MEMITConfig``'s field comments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from kledger.editors.base import EditContext, Editor, EditResult
+from kledger.editors.locate import LocateConfig, Solver, locate_edit, memit_solve, stats_for
+from kledger.ledger.records import FactRequest
+
+
+@dataclass(frozen=True)
+class MEMITConfig(LocateConfig):
+    """MEMIT hyper-parameters (shared ones documented in ``LocateConfig``)."""
+
+    mom2_weight: float = 15000.0  # λ: weight of the preserved-key covariance C0 in the solve
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.mom2_weight > 0:
+            raise ValueError(f"mom2_weight must be > 0, found {self.mom2_weight}")
+
+
+class MEMITSolver(Solver):
+    def __init__(self, cfg: MEMITConfig) -> None:
+        self.cfg = cfg
+        self.c0: dict[int, torch.Tensor] = {}
+
+    def setup(self, model, tok, layers, ctx, cfg) -> dict:
+        self.c0, desc = stats_for(model, tok, layers, ctx, cfg)
+        return desc
+
+    def solve(self, layer: int, K: torch.Tensor) -> torch.Tensor:
+        return memit_solve(K, self.c0[layer], self.cfg.mom2_weight)
+
+
+class MEMITEditor(Editor):
+    name = "memit"
+    summary = "MEMIT: closed-form batch update of the MLP output projections of a few layers (BLUE: blue=true)"
+    paper = "arXiv 2210.07229 (BLUE: arXiv 2502.03748)"
+    config_cls = MEMITConfig
+
+    def compute(self, model: nn.Module, tok, requests: Sequence[FactRequest], ctx: EditContext) -> list[EditResult]:
+        return locate_edit(self.name, model, tok, requests, ctx, self.config, MEMITSolver(self.config))
