@@ -143,9 +143,14 @@ def _event_summary(ev) -> dict:
 @cli.command()
 @click.argument("event")
 @click.option("-m", "--message", help="A note recorded with the revert.")
+@click.option("--rebase", is_flag=True, help="Also recompute every later edit as if EVENT had never happened.")
 @pass_app
-def revert(app: App, event: str, message: str | None) -> None:
+def revert(app: App, event: str, message: str | None, rebase: bool = False) -> None:
     """Undo EVENT exactly by appending a compensating event (like git revert)."""
+    if rebase:
+        from kledger.cli.rebase import rebase_revert_cmd
+
+        return rebase_revert_cmd(app, event, message)
     ledger = app.ledger()
     ev = ledger.revert(event, message=message)
     app.emit(_event_summary(ev), ev.describe())

@@ -71,6 +71,8 @@ def cli(ctx, ledger_dir, as_json, quiet, device, verbose):
 from kledger.cli import edit as _edit  # noqa: E402  (commands register themselves on ``cli``)
 from kledger.cli import inspect as _inspect  # noqa: E402,F401
 from kledger.cli import export as _export  # noqa: E402,F401
+from kledger.cli import branch as _branch  # noqa
+from kledger.cli import audit as _audit  # noqa
 
 
 def main(argv=None) -> None:

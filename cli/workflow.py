@@ -17,9 +17,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from kledger.editors.base import EditContext, config_to_json, make_config
+from kledger.editors.models import cache_dir as models_cache_dir
 from kledger.editors.models import load_model, resolve_model_path
 from kledger.editors.registry import editor_class
 from kledger.ledger.compose import Materialised, apply_deltas, export, materialise
+from kledger.ledger.deltas import accumulate
+from kledger.ledger.drift import DriftTracker, SafetensorsBase, cache_file, measure_edit
 from kledger.ledger.errors import StateError, UsageError
 from kledger.ledger.records import Event, FactRequest
 from kledger.ledger.store import DIRNAME, Ledger
@@ -56,6 +59,7 @@ class Workspace:
     _model: Any = field(default=None, repr=False)
     _tok: Any = field(default=None, repr=False)
     _at: str | None = field(default=None, repr=False)  # event id the working model reflects
+    _drift: DriftTracker | None = field(default=None, repr=False)  # per-edit weight drift (cached bases)
 
     def load_base(self):
         base = self.ledger.base_model()
@@ -113,6 +117,8 @@ class Workspace:
             for res in results:
                 metrics = dict(res.metrics)
                 metrics.setdefault("time_s", round(elapsed / max(len(results), 1), 4))
+                metrics["drift"], drift_s = measure_edit(self._drift_tracker(), model, res.delta)
+                metrics["drift_s"] = round(drift_s, 4)
                 req_json: Any = [r.to_json() for r in res.requests]
                 if len(res.requests) == 1:
                     req_json = req_json[0]
@@ -128,6 +134,25 @@ class Workspace:
                 if on_event:
                     on_event(ev)
         return events
+
+    def _drift_tracker(self) -> DriftTracker:
+        """Drift against the base (``kledger.ledger.drift``): W0 is read from the base model's
+        safetensors files, or else recovered as the working tensor minus the active deltas."""
+        if self._drift is None:
+            base = self.ledger.base_model()
+            files = SafetensorsBase(resolve_model_path(self.model_spec or base["spec"]))
+
+            def base_of(name: str) -> torch.Tensor:
+                w0 = files.get(name)
+                if w0 is None:
+                    cur = dict(self._model.named_parameters())[name]
+                    deltas = [d for d in (self.ledger.load_delta(e) for e in self.ledger.active(self._at or "HEAD"))
+                              if name in d.tensors]
+                    w0 = accumulate({name: cur}, deltas, [-1.0] * len(deltas)).get(name, cur.detach().float())
+                return w0
+
+            self._drift = DriftTracker(base_of, cache=cache_file(models_cache_dir() / "drift", base["fingerprint"]))
+        return self._drift
 
     def _history(self, method: str, head: Event) -> dict[str, Any]:
         """Method state from earlier active events of the same method (e.g. AlphaEdit's keys)."""

@@ -1,0 +1,198 @@
+"""``kledger revert EVENT --rebase``: remove an edit as if it had never happened.
+
+Plain ``revert`` subtracts the event's delta exactly, but every later edit was computed on a
+model that contained it: AlphaEdit projects later updates away from the keys it accumulated,
+sequential MEMIT/KNE solve against the weights as they were. Rebase-revert therefore
+
+1. checks that EVENT is active on the current branch and that every later active edit can be
+   recomputed (an ``add``/``forget``/``learn`` event of a registered method; a merge between
+   EVENT and the head stops it: rebasing across merges is not supported);
+2. materialises the branch as it would be without EVENT and the later edits (the earlier active
+   edits), then recomputes each later edit in sequence order with its recorded method and
+   config (``make_config`` from the stored JSON), the method state of the new history
+   (``EditContext.history``) and the same per-event granularity, writing each new delta into the
+   working model before the next, exactly like ``add``;
+3. only then appends: a revert of EVENT, a revert of every later edit, and the recomputed
+   events (``metrics.rebased_from`` names the event each one replaces). Each append expects the
+   previous head, so a concurrent writer makes it stop instead of interleaving.
+
+The result equals a ledger that never had EVENT, up to the determinism of the editors (every
+method here is seeded and deterministic on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from kledger.cli.app import App
+from kledger.ledger.errors import StateError
+from kledger.ledger.merge import requests_of
+from kledger.ledger.records import DELTA_EVENT_TYPES, Event, FactRequest
+from kledger.ledger.store import Ledger
+
+log = logging.getLogger(__name__)
+
+RECOMPUTABLE = ("add", "forget", "learn")
+
+
+def load_model_with(ledger: Ledger, ids: Sequence[str], device: str = "auto"):
+    """The base model with the deltas of events ``ids`` applied; returns (model, tok, events)."""
+    from kledger.cli.workflow import Workspace
+    from kledger.ledger.compose import apply_deltas
+
+    model, tok, _ = Workspace(ledger, device=device).load_base()
+    events = ledger.events_by_ids(list(ids))
+    if events:
+        apply_deltas(model, [ledger.load_delta(e) for e in events])
+    return model, tok, events
+
+
+def compute_edit(ledger: Ledger, model, tok, method: str, config: Mapping[str, Any] | None,
+                 requests: Sequence[FactRequest], states: list[dict], progress: bool = False, seed: int = 0,
+                 stats_corpus: str | None = None):
+    """Run ``method`` with its recorded config on ``requests``; ``states`` = method history.
+
+    ``stats_corpus``: the key-statistics corpus the original edits used, if not the default
+    (it is not recorded in the event; key statistics are cached per corpus)."""
+    from kledger.editors.base import EditContext, make_config
+    from kledger.editors.registry import editor_class
+
+    cls = editor_class(method)
+    editor = cls(make_config(cls.config_cls, dict(config or {})))
+    ctx = EditContext(
+        fingerprint=ledger.base_model().get("fingerprint", ""), cache_dir=ledger.cache_dir,
+        history={"states": states} if getattr(cls, "needs_history", False) else {},
+        progress=progress, seed=seed, stats_corpus=stats_corpus,
+    )
+    return editor.compute(model, tok, list(requests), ctx)
+
+
+@dataclass
+class RebasePlan:
+    target: Event
+    head: Event
+    prefix: list[str]  # active ids before the target (kept as they are)
+    later: list[Event]  # active edits after the target (recomputed)
+
+
+@dataclass
+class RebaseResult:
+    reverts: list[Event] = field(default_factory=list)
+    added: list[Event] = field(default_factory=list)
+    recomputed: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"reverted": [e.target for e in self.reverts], "revert_events": [e.id for e in self.reverts],
+                "added": [e.id for e in self.added], "recomputed": self.recomputed,
+                "seconds": round(self.seconds, 3)}
+
+
+def plan_rebase(ledger: Ledger, target_ref: str) -> RebasePlan:
+    with ledger.session():
+        return _plan_rebase(ledger, target_ref)
+
+
+def _plan_rebase(ledger: Ledger, target_ref: str) -> RebasePlan:
+    from kledger.editors.registry import EDITORS
+
+    head = ledger.head()
+    target = ledger.resolve(target_ref)
+    if target.type not in DELTA_EVENT_TYPES:
+        raise StateError(f"expected an edit event (add/merge/forget/learn) to revert, found a {target.type} event"
+                         f" {target.id}")
+    anc = ledger.ancestors(head)
+    if target.id not in anc:
+        raise StateError(f"event {target.id} is not in the history of branch {ledger.current_branch()!r}")
+    live = ledger._live(anc)
+    if target.id not in live:
+        by = ledger._reverted_by(head, target.id)
+        raise StateError(f"event {target.id} is already reverted" + (f" by {by}" if by else ""))
+    g = ledger._graph()
+    merges = [i for i in anc if g[i][0] > target.seq and g[i][1] == "merge"]
+    if merges or target.type == "merge":
+        raise StateError(f"expected no merge between {target.id} and the head, found {(merges or [target.id])[0]};"
+                         " rebasing across merges is not supported (use plain revert)")
+    prefix = [i for i in live if g[i][0] < target.seq]
+    later = ledger.events_by_ids([i for i in live if g[i][0] > target.seq])
+    for ev in later:
+        if ev.type not in RECOMPUTABLE or not ev.method or ev.method not in EDITORS or not requests_of(ev):
+            raise StateError(f"expected every later edit to be recomputable (an add/forget/learn event of a"
+                             f" registered method with its requests), found {ev.type} event {ev.id}"
+                             f" (method {ev.method!r})")
+    return RebasePlan(target, head, prefix, later)
+
+
+def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", progress: bool = False,
+                  message: str | None = None, model_tok=None, stats_corpus: str | None = None) -> RebaseResult:
+    """Revert ``target_ref`` and recompute every later active edit as if it had never happened.
+
+    ``model_tok``: an already loaded *base* model and tokenizer to use (it is modified).
+    """
+    from kledger.ledger.compose import apply_deltas
+
+    t0 = time.perf_counter()
+    plan = plan_rebase(ledger, target_ref)
+    if model_tok is None:
+        model, tok, prefix_events = load_model_with(ledger, plan.prefix, device)
+    else:
+        model, tok = model_tok
+        prefix_events = ledger.events_by_ids(plan.prefix)
+        if prefix_events:
+            apply_deltas(model, [ledger.load_delta(e) for e in prefix_events])
+    new: list[tuple[Event, Any, float]] = []  # (replaced event, result, seconds)
+    prefix_states: dict[str, list[dict]] = {}  # method state of the kept earlier edits, per method
+    new_states: dict[str, list[dict]] = {}  # ... and of the recomputed ones
+    for ev in plan.later:
+        if ev.method not in prefix_states:
+            prefix_states[ev.method] = [dict(ledger.load_delta(e).state) for e in prefix_events
+                                        if e.method == ev.method]
+        hist = prefix_states[ev.method] + new_states.get(ev.method, [])
+        reqs = [FactRequest.from_json(r) for r in requests_of(ev)]
+        t1 = time.perf_counter()
+        results = compute_edit(ledger, model, tok, ev.method, ev.config, reqs, hist, progress=progress,
+                               stats_corpus=stats_corpus)
+        dt = time.perf_counter() - t1
+        for res in results:
+            apply_deltas(model, [res.delta])
+            new_states.setdefault(ev.method, []).append(dict(res.delta.state))
+            new.append((ev, res, dt / max(len(results), 1)))
+    # every edit is computed: now write
+    out = RebaseResult(recomputed=len(plan.later))
+    head = plan.head.id
+    for e in [plan.target, *plan.later]:
+        rv = ledger.append("revert", target=e.id, request=e.request, method=e.method, expect_head=head,
+                           message=(message or f"revert {plan.target.id} --rebase") if e is plan.target
+                           else f"rebase: recompute {e.id} without {plan.target.id}")
+        out.reverts.append(rv)
+        head = rv.id
+    for old, res, dt in new:
+        metrics = dict(res.metrics)
+        metrics.setdefault("time_s", round(dt, 4))
+        metrics["rebased_from"] = old.id
+        req_json: Any = [r.to_json() for r in res.requests]
+        if len(req_json) == 1:
+            req_json = req_json[0]
+        ev = ledger.append(old.type, request=req_json, method=old.method, config=old.config,
+                           ensemble=dict(res.ensemble), metrics=metrics, delta=res.delta, expect_head=head,
+                           message=old.message)
+        out.added.append(ev)
+        head = ev.id
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def rebase_revert_cmd(app: App, event: str, message: str | None) -> None:
+    """CLI body of ``revert EVENT --rebase``."""
+    import click
+
+    ledger = app.ledger()
+    res = rebase_revert(ledger, event, device=app.device, progress=app.show_progress, message=message)
+    text = [f"reverted {res.reverts[0].target} and recomputed {res.recomputed} later edits"
+            f" ({len(res.added)} new events) in {res.seconds:.1f} s"]
+    if not app.quiet:
+        text += [e.describe() for e in res.reverts + res.added]
+    app.emit(res.to_json(), "\n".join(text))
