@@ -43,6 +43,7 @@ from kledger.ledger.records import load_requests  # noqa: E402
 from kledger.ledger.store import Ledger  # noqa: E402
 
 DATA = "/work/shared/data/counterfact-600.json"
+DEVICE = "cpu"
 #: key statistics (C0) are content-addressed per base model: computed once, shared by every ledger here
 KEYSTATS = Path("/tmp/kledger-merge-real/keystats")
 
@@ -80,7 +81,7 @@ def log(msg: str) -> None:
 
 
 def scores(ledger: Ledger, ref, reqs) -> dict:
-    model, tok, _ = load_model("smollm2-135m", "cpu")
+    model, tok, _ = load_model("smollm2-135m", DEVICE)
     materialise(ledger, model, ref)
     s = counterfact_scores(model, tok, reqs, fluency_prompts=0)
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}
@@ -97,7 +98,7 @@ def build_branches(root: Path, method: str, a, b, overrides) -> dict:
     info = {}
     for br, reqs in (("a", a), ("b", b)):
         L.set_current_branch(br)
-        ws = Workspace(L, device="cpu")
+        ws = Workspace(L, device=DEVICE)
         t = time.perf_counter()
         evs = ws.add(reqs, method=method, overrides=overrides, batch_size=1, stats_corpus=stats_corpus(),
                      on_event=lambda ev: log(f"  {br}: {ev.describe()[:90]}"))
@@ -143,7 +144,7 @@ def run_merge(args) -> dict:
         M.set_current_branch("a")
         p = plan_merge(M, M.branch_head("a"), M.branch_head("b"))
         t = time.perf_counter()
-        ev, extra = do_merge(M, p, strategy, branch="b", device="cpu", stats_corpus=stats_corpus())
+        ev, extra = do_merge(M, p, strategy, branch="b", device=DEVICE, stats_corpus=stats_corpus())
         secs = time.perf_counter() - t
         row = {"seconds": round(secs, 1), "merge_event": ev.id, "delta_bytes": ev.delta_bytes,
                "superseded": len((ev.config or {}).get("supersedes") or []),
@@ -165,7 +166,7 @@ def run_rebase(args) -> dict:
         root.mkdir(parents=True, exist_ok=True)
         L = new_ledger(root)
         t = time.perf_counter()
-        Workspace(L, device="cpu").add(reqs, method=args.method, overrides=overrides, batch_size=1,
+        Workspace(L, device=DEVICE).add(reqs, method=args.method, overrides=overrides, batch_size=1,
                                        stats_corpus=stats_corpus(),
                                        on_event=lambda ev: log(f"  {ev.describe()[:90]}"))
         (root / "build.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t, 1)}))
@@ -188,15 +189,15 @@ def run_rebase(args) -> dict:
         if mode == "plain":
             M.revert(target.id)
         else:
-            rebase_revert(M, target.id, device="cpu", stats_corpus=stats_corpus())
+            rebase_revert(M, target.id, device=DEVICE, stats_corpus=stats_corpus())
         secs = time.perf_counter() - t
-        model, tok, _ = load_model("smollm2-135m", "cpu")
+        model, tok, _ = load_model("smollm2-135m", DEVICE)
         m = materialise(M, model, "HEAD")
         models[mode] = {n: p.detach().clone() for n, p in model.named_parameters() if n in m.tensors}
         out[mode] = {"seconds": round(secs, 1), "rest": scores(M, "HEAD", rest),
                      "removed": scores(M, "HEAD", removed)}
         log(f"{mode}: {out[mode]}")
-    base, _, _ = load_model("smollm2-135m", "cpu")
+    base, _, _ = load_model("smollm2-135m", DEVICE)
     bp = dict(base.named_parameters())
     names = sorted(set(models["plain"]) | set(models["rebase"]))
     diff = edit = 0.0
@@ -226,7 +227,10 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--workdir", default="/tmp/kledger-merge-real")
     ap.add_argument("--out", help="append the JSON result to this file")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     torch.manual_seed(0)
     res = run_merge(args) if args.experiment == "merge" else run_rebase(args)
     text = json.dumps(res, indent=2)
