@@ -233,7 +233,7 @@ def write_report(ledger, out_dir: str | os.PathLike, version: Event, *, current:
         parts.append("<h2>Blame</h2><table><tr><th>event</th><th>what</th><th>fix</th></tr>")
         for c in blame["culprits"]:
             parts.append(f"<tr><td class='bad'><code>{c['id']}</code> (event {c.get('seq')})</td>"
-                         f"<td>{html.escape(c.get('describe', ''))}</td><td><code>{html.escape(c.get('revert') or c.get('note', ''))}"
+                         f"<td>{html.escape(c.get('describe', '').split(' ', 1)[-1].strip())}</td><td><code>{html.escape(c.get('revert') or c.get('note', ''))}"
                          "</code></td></tr>")
         parts.append("</table>")
         parts.append(f"<p>After reverting: {'within thresholds' if blame.get('fixed') else 'still crossing'}"
