@@ -33,7 +33,8 @@ import torch
 
 from kledger.editors.alphaedit import AlphaEditEditor
 from kledger.editors.base import EditContext, make_config
-from kledger.editors.locate import resolve_layers
+from kledger.editors.kne import KNEEditor
+from kledger.editors.locate import LocateConfig, resolve_layers
 from kledger.editors.memit import MEMITEditor
 from kledger.editors.models import cache_dir, load_model
 from kledger.editors.scoring import encode_pairs, score_targets
@@ -48,6 +49,7 @@ VARIANTS = {
     "memit-blue": (MEMITEditor, {"blue": True}),
     "alphaedit": (AlphaEditEditor, {}),
     "alphaedit-blue": (AlphaEditEditor, {"blue": True}),
+    "kne": (KNEEditor, {}),  # one request at a time; a batch's edits are computed on the same model
 }
 
 
@@ -90,9 +92,41 @@ def teacher_forced_argmax(model, tok, prompts, targets, bs=16):
     return out
 
 
-def evaluate(model, tok, reqs, kind, base=None):
+def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
+    """ROME's fluency measure: weighted mean of the n-gram (word) entropies, in bits."""
+    import collections
+    import math
+
+    words = text.split()
+    total = []
+    for n, w in zip(ns, weights):
+        grams = collections.Counter(tuple(words[i : i + n]) for i in range(max(len(words) - n + 1, 0)))
+        c = sum(grams.values())
+        h = -sum(v / c * math.log2(v / c) for v in grams.values()) if c else 0.0
+        total.append(w * h)
+    return sum(total) / len(total)
+
+
+@torch.no_grad()
+def fluency(model, tok, prompts, max_new_tokens=40):
+    """Mean n-gram entropy of greedy continuations (one batch, left padding)."""
+    dev = next(model.parameters()).device
+    old = tok.padding_side
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+    tok.padding_side = old
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(ngram_entropy(t) for t in texts) / len(texts), texts
+
+
+def evaluate(model, tok, reqs, kind, base=None, n_fluency=20):
     """Scores on the current model; ``base`` holds the unedited model's reference predictions."""
     res = {}
+    if n_fluency:
+        res["fluency"], res["_gen"] = fluency(model, tok, [r.prompt for r in reqs[:n_fluency]])
     if kind == "counterfact":
         p = [r.prompt for r in reqs]
         new = score_targets(model, tok, p, [r.target_new for r in reqs])
@@ -172,6 +206,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "locate_edit.md"))
     ap.add_argument("--json", default=None, help="also write raw results as JSON here")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--checkpoints", default="",
+                    help="comma-separated edit counts after which the edits so far are scored too")
     ap.add_argument("--sweep", default=None,
                     help="k=v1,v2,... (or k=v1;v2 for list values): run every variant once per value (v* is memoised while the model"
                          " is unchanged, so sweeping solve parameters costs little)")
@@ -207,14 +243,17 @@ def main(argv=None):
             fields = {f.name for f in dataclasses.fields(cls.config_cls)}
             mine = {k: v for k, v in {**sets, **extra}.items() if k in fields}  # --set k=v of other methods
             cfgs[label] = make_config(cls.config_cls, {**mine, **over})
-            layer_union |= set(resolve_layers(cfgs[label], model))
+            if isinstance(cfgs[label], LocateConfig):
+                layer_union |= set(resolve_layers(cfgs[label], model))
             runs.append((label, name))
     if sweep_key:
         _memoise_v_star()
-    any_cfg = next(iter(cfgs.values()))
+    any_cfg = next((c for c in cfgs.values() if isinstance(c, LocateConfig)), LocateConfig())
     t0 = time.perf_counter()
-    _, sdesc = key_covariances(model, tok, sorted(layer_union), ctx0, n_tokens=any_cfg.stats_tokens,
-                               seq_len=any_cfg.stats_seq_len, seed=0)
+    sdesc = {"tokens": 0, "corpus": {"kind": "none"}, "hit": True}
+    if layer_union:
+        _, sdesc = key_covariances(model, tok, sorted(layer_union), ctx0, n_tokens=any_cfg.stats_tokens,
+                                   seq_len=any_cfg.stats_seq_len, seed=0)
     stats_s = time.perf_counter() - t0
     log.info("statistics: %.1fs %s", stats_s, sdesc)
 
@@ -223,6 +262,7 @@ def main(argv=None):
         editor = cls(cfgs[label])
         base_w = {n: p.detach().clone() for n, p in model.named_parameters()}
         states, times, immediate, vsteps, vloss = [], [], [], [], []
+        checkpoints = sorted(int(x) for x in args.checkpoints.split(",") if x.strip())
         t_all = time.perf_counter()
         for b in range(0, len(reqs), args.batch):
             batch = reqs[b : b + args.batch]
@@ -234,20 +274,31 @@ def main(argv=None):
             write_into(model, [r.delta for r in results])
             states.extend(dict(r.delta.state) for r in results if r.delta.state)
             for r in results:
-                vsteps.append(r.metrics["v_steps"])
-                vloss.append(r.metrics["v_loss_end"])
+                vsteps.append(r.metrics.get("v_steps", r.metrics.get("steps", 0)))
+                vloss.append(r.metrics.get("v_loss_end", r.metrics.get("loss_end", 0.0)))
             if args.immediate:
                 ev = evaluate(model, tok, batch, args.dataset)
                 immediate.append(ev["efficacy"])
             log.info("%s batch %d: %.1fs (%.1fs/edit) v* steps %s", name, b // args.batch, times[-1],
-                     times[-1] / len(batch), [r.metrics["v_steps"] for r in results])
+                     times[-1] / len(batch), vsteps[-len(results):])
+            done = b + len(batch)
+            if done in checkpoints and done < len(reqs):
+                sub = reqs[:done]
+                base_sub = {k: (v[:done] if k in ("_top1", "_loc") else v) for k, v in base_eval.items()}
+                ev = evaluate(model, tok, sub, args.dataset, base_sub)
+                crow = {"variant": f"{label} @{done}", "n": done, "batch": args.batch,
+                        "s_per_edit": sum(times) / done, "wall_s": time.perf_counter() - t_all,
+                        "v_steps_mean": sum(vsteps) / len(vsteps), "v_loss_end_mean": sum(vloss) / len(vloss),
+                        "config": dict(editor.config.__dict__), **{k: v for k, v in ev.items() if not k.startswith("_")}}
+                log.info("checkpoint %s", {k: v for k, v in crow.items() if k != "config"})
+                write_table(args, [crow], base_sub, stats_s, sdesc)
         total = time.perf_counter() - t_all
         ev = evaluate(model, tok, reqs, args.dataset, base_eval)
         row = {"variant": label, "n": len(reqs), "batch": args.batch, "s_per_edit": sum(times) / len(reqs),
                "wall_s": total, "v_steps_mean": sum(vsteps) / len(vsteps),
                "v_loss_end_mean": sum(vloss) / len(vloss),
                "config": {k: v for k, v in editor.config.__dict__.items()},
-               **{k: v for k, v in ev.items() if not k.startswith("_")}}
+               **{k: v for k, v in ev.items() if not k.startswith("_")}, "samples": ev["_gen"][:3]}
         if immediate:
             row["efficacy_immediate"] = sum(immediate) / len(immediate)
         rows.append(row)
@@ -273,20 +324,22 @@ def write_table(args, rows, base_eval, stats_s, sdesc):
              f" ({sdesc['corpus']['kind']} corpus), {stats_s:.1f}s ({'cache hit' if sdesc['hit'] else 'computed'}).",
              ""]
     if args.dataset == "counterfact":
-        lines += ["| variant | layers | efficacy | paraphrase | NS (P) | top-1 kept | s/edit | v* steps | v* loss end |",
-                  "|---|---|---|---|---|---|---|---|---|",
-                  f"| unedited | – | {base_eval['efficacy']:.3f} | {base_eval['paraphrase']:.3f} | {base_eval['ns']:.3f} | 1.000 | – | – | – |"]
+        lines += ["| variant | layers | efficacy | paraphrase | NS (P) | top-1 kept | fluency | s/edit | v* steps | v* loss end |",
+                  "|---|---|---|---|---|---|---|---|---|---|",
+                  f"| unedited | – | {base_eval['efficacy']:.3f} | {base_eval['paraphrase']:.3f} | {base_eval['ns']:.3f} | 1.000 |"
+                  f" {base_eval.get('fluency', float('nan')):.2f} | – | – | – |"]
         for r in rows:
             eff = f"{r['efficacy']:.3f}" + (f" ({r['efficacy_immediate']:.3f})" if "efficacy_immediate" in r else "")
             lines.append(f"| {r['variant']} | {_layers(r)} | {eff} | {r['paraphrase']:.3f} | {r['ns']:.3f} |"
-                         f" {r['top1']:.3f} | {r['s_per_edit']:.1f} | {r['v_steps_mean']:.1f} | {r['v_loss_end_mean']:.3f} |")
+                         f" {r['top1']:.3f} | {r.get('fluency', float('nan')):.2f} | {r['s_per_edit']:.1f} | {r['v_steps_mean']:.1f} | {r['v_loss_end_mean']:.3f} |")
     else:
-        lines += ["| variant | layers | efficacy (tok acc) | paraphrase | locality | s/edit | v* steps |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| unedited | – | {base_eval['efficacy']:.3f} | {base_eval['paraphrase']:.3f} | 1.000 | – | – |"]
+        lines += ["| variant | layers | efficacy (tok acc) | paraphrase | locality | fluency | s/edit | v* steps |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| unedited | – | {base_eval['efficacy']:.3f} | {base_eval['paraphrase']:.3f} | 1.000 |"
+                  f" {base_eval.get('fluency', float('nan')):.2f} | – | – |"]
         for r in rows:
             lines.append(f"| {r['variant']} | {_layers(r)} | {r['efficacy']:.3f} | {r['paraphrase']:.3f} |"
-                         f" {r['locality']:.3f} | {r['s_per_edit']:.1f} | {r['v_steps_mean']:.1f} |")
+                         f" {r['locality']:.3f} | {r.get('fluency', float('nan')):.2f} | {r['s_per_edit']:.1f} | {r['v_steps_mean']:.1f} |")
     cfg_diff = {k: v for k, v in rows[0]["config"].items() if k not in ("blue",)} if rows else {}
     lines += ["", f"config: `{json.dumps(cfg_diff, default=str)}`", ""]
     with open(out, "a") as fh:

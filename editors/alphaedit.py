@@ -16,8 +16,15 @@ request's keys at that layer, read on the working copy after the whole batch was
 the reference implementation), and ``ctx.history["states"]`` brings the earlier events' state
 dicts back. Reverting an event removes its keys from H_hist automatically.
 
-Defaults (measured on SmolLM2-135M; numbers in bench/results/locate_edit.md): see the field
-comments of ``AlphaEditConfig``.
+Defaults (measured on SmolLM2-135M; numbers in bench/results/locate_edit.md); the shared ones
+are documented in ``kledger.editors.locate``. The eigenvalues of C0 (32k sampled tokens) span
+0.0027–0.64 (median 0.0093) at layer 4 and 0.0039–8.4 (median 0.014) at layer 8, so the
+reference's absolute threshold 2·10⁻² leaves a null space of 1240 (layer 4) and 980 (layer 8) of
+1536 dimensions — the same regime as the reference, so it is kept (``nullspace_relative=True``
+makes it a fraction of the largest eigenvalue instead; 1·10⁻² relative would give 482 and 1452).
+``l2`` = 10 is the reference's Llama3-8B value; the keys here have norms ≈ 20–50, so ``K Kᵀ``
+dominates it. With these values one batch of 20 gave efficacy 1.00, paraphrase 0.95,
+neighbourhood score 0.80, top-1 kept 0.85–0.90.
 """
 
 from __future__ import annotations
