@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -77,6 +78,7 @@ class _AddCommand(click.Command):
 @click.option("--batch", "batch_file", type=click.Path(dir_okay=False), hidden=True)
 @click.option("--limit", type=int, help="Only the first N records of --from-file.")
 @click.option("--batch-size", default=1, show_default=True, help="Facts per editor call (one solve per batch).")
+@click.option("--blue", is_flag=True, help="BLUE variant of a locate-then-edit method (same as --set blue=true).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a method config field.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="JSON file of config fields.")
 @click.option("--stats-corpus", type=click.Path(dir_okay=False),
@@ -85,7 +87,7 @@ class _AddCommand(click.Command):
 @click.option("-m", "--message", help="A note recorded with each event.")
 @pass_app
 def add(app: App, prompt, target, subject, target_true, method, from_file, batch_file, limit, batch_size,
-        sets, config_file, stats_corpus, model_spec, message) -> None:
+        blue, sets, config_file, stats_corpus, model_spec, message) -> None:
     """Edit facts into the model: PROMPT continued by TARGET (or --from-file).
 
     Each fact becomes one `add` event with its delta; see `kledger log`.
@@ -102,7 +104,11 @@ def add(app: App, prompt, target, subject, target_true, method, from_file, batch
             raise UsageError("expected PROMPT and TARGET arguments (or --from-file FILE)")
         requests = [FactRequest(prompt=prompt, target_new=target, subject=subject, target_true=target_true)]
     overrides = _parse_sets(sets, config_file)
-    editor_class(method)  # unknown method → usage error before any model is loaded
+    cls = editor_class(method)  # unknown method → usage error before any model is loaded
+    if blue:
+        if "blue" not in {f.name for f in dataclasses.fields(cls.config_cls)}:
+            raise UsageError(f"--blue: expected a locate-then-edit method (memit, alphaedit), found {method!r}")
+        overrides["blue"] = True
     ledger = _ledger_or_init(app, model_spec)
     ws = Workspace(ledger, device=app.device, progress=app.show_progress, model_spec=model_spec)
     bar = app.progress(total=len(requests), desc=f"{method} edits")

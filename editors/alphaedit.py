@@ -123,7 +123,7 @@ class AlphaEditSolver(Solver):
 class AlphaEditEditor(Editor):
     name = "alphaedit"
     summary = "AlphaEdit: MEMIT-style update projected onto the null space of preserved keys (BLUE: blue=true)"
-    paper = "arXiv 2410.02355 (BLUE: arXiv 2502.03748)"
+    paper = "https://arxiv.org/abs/2410.02355 (BLUE: https://arxiv.org/abs/2502.03748)"
     config_cls = AlphaEditConfig
     needs_history = True  # ctx.history["states"]: earlier active AlphaEdit events' Delta.state
 

@@ -65,7 +65,7 @@ class MEMITSolver(Solver):
 class MEMITEditor(Editor):
     name = "memit"
     summary = "MEMIT: closed-form batch update of the MLP output projections of a few layers (BLUE: blue=true)"
-    paper = "arXiv 2210.07229 (BLUE: arXiv 2502.03748)"
+    paper = "https://arxiv.org/abs/2210.07229 (BLUE: https://arxiv.org/abs/2502.03748)"
     config_cls = MEMITConfig
 
     def compute(self, model: nn.Module, tok, requests: Sequence[FactRequest], ctx: EditContext) -> list[EditResult]:
