@@ -127,7 +127,11 @@ def sequence(args) -> None:
                         "delta_fro": max((f["delta_fro"] for f in drift.values()), default=None),
                         "cum_rel_max": max((f["cum_rel"] for f in drift.values()), default=None),
                         "sv_growth_max": max((f["sv_growth"] for f in drift.values()), default=None),
-                        "success": m.get("success", m.get("efficacy"))})
+                        "success": m.get("success", m.get("efficacy")),
+                        "pulse_kl": (m.get("pulse") or {}).get("kl"),
+                        "pulse_retention_drop": (m.get("pulse") or {}).get("retention_drop"),
+                        "pulse_crossed": (m.get("pulse") or {}).get("crossed"),
+                        "pulse_s": (m.get("pulse") or {}).get("seconds")})
         if i % args.every == 0 or i == len(reqs):
             _log(work, {"phase": "audit", "edits": i, **_audit_row(*_audit(work))})
 
@@ -308,6 +312,17 @@ def _run_section(workdir: Path) -> tuple[list[str], dict]:
                                               "none (no threshold crossed in this run)") + ". "
               "First audit with retention drop > 10 points: "
               + (f"after {ret10['edits']} edits." if ret10 else "none in this run."), ""]
+    pulsed = [e for e in edits if e.get("pulse_kl") is not None]
+    if pulsed:
+        warn = next((e for e in pulsed if e.get("pulse_crossed")), None)
+        ps = [e["pulse_s"] for e in pulsed if e.get("pulse_s") is not None]
+        before = [a for a in audits if warn and a["edits"] <= warn["edits"]]
+        lines += ["Per-edit pulse (KL and retention drop on a fixed subset of the probes, recorded with every edit, "
+                  f"mean {statistics.mean(ps):.2f} s per edit): "
+                  + (f"first warning at edit {warn['edits']} ({', '.join(warn['pulse_crossed'])}; pulse KL "
+                     f"{warn['pulse_kl']}, pulse retention drop {warn['pulse_retention_drop']}); the last audit before "
+                     f"it (edit {before[-1]['edits'] if before else 0}) measured retention drop "
+                     f"{before[-1]['retention_drop'] if before else 0.0}." if warn else "no warning in this run."), ""]
     return lines, {"cfg": cfg, "edits": edits, "audits": audits, "name": workdir.name}
 
 
@@ -407,6 +422,13 @@ def _plot(datas: list[dict], trows: list[dict], path: Path) -> None:
             if k in per_edit and d["edits"]:
                 ax.plot([e["edits"] for e in d["edits"]], [e.get(per_edit[k]) for e in d["edits"]], lw=1,
                         color=color, alpha=0.7)
+            pulsed = [e for e in d["edits"] if e.get("pulse_" + k) is not None]
+            if pulsed:  # the per-edit pulse (a fixed subset of the probes), thin line
+                ax.plot([e["edits"] for e in pulsed], [e["pulse_" + k] for e in pulsed], lw=0.8, color=color,
+                        alpha=0.6, label=label + " per-edit pulse")
+                first = next((e["edits"] for e in pulsed if e.get("pulse_crossed")), None)
+                if first is not None:
+                    ax.axvline(first, color=color, lw=0.8, ls="--")
             bad = [a["edits"] for a in d["audits"] if not a["healthy"]]
             if bad:
                 ax.axvline(bad[0], color=color, lw=0.8, ls=":")
@@ -415,7 +437,7 @@ def _plot(datas: list[dict], trows: list[dict], path: Path) -> None:
         if logy:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("edits (dotted: first flagged audit)", fontsize=8)
+        ax.set_xlabel("edits (dotted: first flagged audit; dashed: first pulse warning)", fontsize=8)
         ax.legend(fontsize=6)
     if trows:
         ax = axes[len(panels)]

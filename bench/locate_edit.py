@@ -206,6 +206,9 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "locate_edit.md"))
     ap.add_argument("--json", default=None, help="also write raw results as JSON here")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--rows", default=None, help="append each finished variant's row as a JSON line here")
+    ap.add_argument("--table-from", nargs="+", default=None,
+                    help="only render one table from these --rows files (runs split over processes)")
     ap.add_argument("--checkpoints", default="",
                     help="comma-separated edit counts after which the edits so far are scored too")
     ap.add_argument("--sweep", default=None,
@@ -213,6 +216,11 @@ def main(argv=None):
                          " is unchanged, so sweeping solve parameters costs little)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.table_from:
+        recs = [json.loads(l) for f in args.table_from for l in Path(f).read_text().splitlines() if l.strip()]
+        stats = max(recs, key=lambda r: 0 if r["stats"].get("hit") else 1)  # prefer a run that computed them
+        write_table(args, [r["row"] for r in recs], recs[0]["base"], stats["stats_s"], stats["stats"])
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -303,6 +311,10 @@ def main(argv=None):
             row["efficacy_immediate"] = sum(immediate) / len(immediate)
         rows.append(row)
         log.info("%s: %s", name, {k: v for k, v in row.items() if k != "config"})
+        if args.rows:  # each variant's row as soon as it is done (a killed run keeps its finished variants)
+            with open(args.rows, "a") as fh:
+                fh.write(json.dumps({"row": row, "base": {k: v for k, v in base_eval.items() if not k.startswith("_")},
+                                     "stats_s": stats_s, "stats": sdesc}, default=str) + "\n")
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(base_w[n])

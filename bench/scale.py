@@ -9,18 +9,25 @@ MLP 1536); values are random (only sizes and counts matter here):
 
 Ledgers are built through the public API (``Ledger.append_many``, one transaction per 2,000
 events) under ``--workdir`` (default ``/tmp/kledger-scale``, not the repository). Then, each in a
-fresh subprocess so peak memory (ru_maxrss) is its own:
+fresh subprocess so peak memory (VmHWM) is its own:
 
 * ``append``: ``Ledger.append`` of one KNE-like edit (object write with fsync + row), 100 times;
-* ``log -n 20`` / ``show ID`` through the CLI (click's CliRunner in one process: the command
-  itself, after imports) and as a whole ``kledger`` process (imports included);
+* ``log -n 20`` / ``show ID`` (recent and middle event) / ``status`` through the CLI (click's
+  CliRunner in one process: the command itself, after imports; 100 runs each, median and p99)
+  and as whole ``kledger`` processes (imports included; 20 runs each);
 * ``verify``: the full chain and every object, rows/s;
 * ``materialise``: HEAD onto a loaded base model vs. the time to load the base model itself;
 * bytes on disk per event.
 
 Usage::
 
-    python bench/scale.py --sizes 1000 10000 100000 --out bench/results/scale.md
+    python bench/scale.py --sizes 1000 10000 100000 --out bench/results/scale.json   # build + measure
+    python bench/scale.py --sizes 1000 10000 100000 --skip-build --ops cli process verify_chain verify append \
+        --out bench/results/scale.json        # measure the existing ledgers again (no 20-minute rebuild)
+    python bench/scale.py --out bench/results/scale.json --md /tmp/table.md   # render the table
+
+Every op records the 1-minute load average before and after it (``OP_loadavg``): on a shared
+2-core machine, latencies mean little without it.
 """
 
 from __future__ import annotations
@@ -111,7 +118,18 @@ def disk_bytes(root: Path) -> int:
 # --------------------------------------------------------------------------------------------
 # measurements, each run in its own process (``python bench/scale.py --op NAME --root DIR``)
 
-def op_cli(root: Path) -> dict:
+def _pct(ts: list[float], q: float) -> float:
+    ts = sorted(ts)
+    return ts[min(len(ts) - 1, int(q * len(ts)))]
+
+
+def _summary(name: str, ts: list[float]) -> dict:
+    return {f"{name}_ms": round(statistics.median(ts) * 1000, 1), f"{name}_p99_ms": round(_pct(ts, 0.99) * 1000, 1),
+            f"{name}_reps": len(ts)}
+
+
+def op_cli(root: Path, reps: int = 100) -> dict:
+    """The commands through click's CliRunner in this process (imports already paid)."""
     from click.testing import CliRunner
 
     from kledger.cli.main import cli
@@ -124,30 +142,41 @@ def op_cli(root: Path) -> dict:
     out = {}
     for name, args in (("log_n20", ["log", "-n", "20"]), ("show_recent", ["show", recent]), ("show", ["show", mid]),
                        ("status", ["status"])):
+        runner.invoke(cli, ["--ledger", str(ledger.root), *args])  # first use: command module import
         ts = []
-        for _ in range(5):
+        for _ in range(reps):
             t = time.perf_counter()
             r = runner.invoke(cli, ["--ledger", str(ledger.root), *args])
             ts.append(time.perf_counter() - t)
             assert r.exit_code == 0, r.output
-        out[name + "_ms"] = round(statistics.median(ts) * 1000, 1)
+        out.update(_summary(name, ts))
     return out
 
 
-def op_process(root: Path) -> dict:
+def kledger_exe() -> str:
+    """The console script next to this interpreter (not a pyenv shim, which adds ~0.1 s of bash)."""
+    exe = Path(sys.executable).parent / "kledger"
+    return str(exe) if exe.exists() else (shutil.which("kledger") or f"{sys.executable} -m kledger.cli.main")
+
+
+def op_process(root: Path, reps: int = 20) -> dict:
+    """Whole ``kledger`` processes: interpreter start, imports and the command."""
     from kledger.ledger.store import Ledger
 
     ledger = Ledger(root / ".kledger")
     mid = ledger.get_seq(ledger.count() // 2).id
-    exe = shutil.which("kledger") or f"{sys.executable} -m kledger.cli.main"
-    out = {}
-    for name, args in (("log_n20", "log -n 20"), ("show", f"show {mid}"), ("version", "--version")):
+    recent = ledger.get_seq(ledger.count() - 5).id
+    exe = kledger_exe()
+    out = {"process_exe": exe}
+    for name, args in (("version", "--version"), ("log_n20", "log -n 20"), ("show_recent", f"show {recent}"),
+                       ("show", f"show {mid}"), ("status", "status"), ("python", None)):
+        cmd = (f"{exe} --ledger {ledger.root} {args}" if args else f"{sys.executable} -c pass")
         ts = []
-        for _ in range(3):
+        for _ in range(reps):
             t = time.perf_counter()
-            subprocess.run(f"{exe} --ledger {ledger.root} {args}", shell=True, check=True, capture_output=True)
+            subprocess.run(cmd, shell=True, check=True, capture_output=True)
             ts.append(time.perf_counter() - t)
-        out[name + "_process_ms"] = round(statistics.median(ts) * 1000, 1)
+        out.update(_summary(name + "_process", ts))
     return out
 
 
@@ -156,18 +185,31 @@ def op_append(root: Path, reps: int = 100) -> dict:
 
     from kledger.ledger.store import Ledger
 
+    torch.set_num_threads(1)
     ledger = Ledger(root / ".kledger")
     g = torch.Generator().manual_seed(123)
+    items = [_item(2 * i, g) for i in range(reps)]  # deltas made before the clock runs
     ts = []
-    for i in range(reps):
-        it = _item(2 * i, g)
+    for it in items:
         t = time.perf_counter()
         ledger.append("add", request=it["request"], method=it["method"], config=it["config"],
                       ensemble=it["ensemble"], metrics=it["metrics"], delta=it["delta"])
         ts.append(time.perf_counter() - t)
-    ts.sort()
     return {"append_median_ms": round(statistics.median(ts) * 1000, 1),
-            "append_p99_ms": round(ts[min(len(ts) - 1, int(0.99 * len(ts)))] * 1000, 1), "append_reps": reps}
+            "append_p99_ms": round(_pct(ts, 0.99) * 1000, 1), "append_reps": reps}
+
+
+def op_active(root: Path) -> dict:
+    """``Ledger.active("HEAD")`` alone: the list of events materialise reads (3 runs, median)."""
+    from kledger.ledger.store import Ledger
+
+    ledger = Ledger(root / ".kledger")
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        n = len(ledger.active("HEAD"))
+        ts.append(time.perf_counter() - t)
+    return {"active_s": round(statistics.median(ts), 3), "active_events_now": n}
 
 
 def op_verify(root: Path) -> dict:
@@ -274,13 +316,27 @@ def op_snapshot_use(root: Path) -> dict:
     return {"materialise_with_snapshot_s": round(time.perf_counter() - t, 3)}
 
 
-OPS = {"snapshot_use": op_snapshot_use, "cli": op_cli, "process": op_process, "append": op_append, "verify": op_verify,
+OPS = {"snapshot_use": op_snapshot_use, "cli": op_cli, "active": op_active, "process": op_process, "append": op_append, "verify": op_verify,
        "verify_chain": op_verify_chain, "base": op_base, "materialise": op_materialise, "snapshot": op_snapshot}
+
+
+def peak_rss_mb() -> int:
+    """This process's peak RSS. VmHWM, not ``ru_maxrss``: Linux carries ``ru_maxrss`` over
+    ``fork``+``exec``, so a worker reported at least its parent's RSS (earlier versions of
+    bench/results/scale.md did: a 362 MB ``verify`` at 1,000 events was most likely the parent's,
+    which had imported torch to build the ledger)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def run_op(name: str, root: Path) -> dict:
     cmd = [sys.executable, __file__, "--op", name, "--root", str(root)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if p.returncode != 0:
         raise RuntimeError(f"{name} failed: {p.stderr[-3000:]}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
@@ -288,37 +344,54 @@ def run_op(name: str, root: Path) -> dict:
 
 
 def measure(root: Path, ops) -> dict:
+    """Run each op in its own process; record the 1-minute load average around each."""
     out = {}
     for name in ops:
         t = time.perf_counter()
+        before = os.getloadavg()[0]
         res = run_op(name, root)
+        res[f"{name}_loadavg"] = [round(before, 2), round(os.getloadavg()[0], 2)]
         print(f"  {name}: {res} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
         out.update(res)
     return out
 
 
 ROWS = [
-    ("events", "events in the ledger"),
+    ("events", "events in the ledger (when last measured)"),
     ("build_s", "build time (append_many, s)"),
     ("append_many_per_event_ms", "bulk append per event (ms, excl. delta generation)"),
     ("disk_bytes_per_event", "bytes on disk per event (objects + DuckDB)"),
     ("db_bytes_per_event", "… of which DuckDB"),
     ("append_median_ms", "`Ledger.append` of one edit, median (ms)"),
     ("append_p99_ms", "`Ledger.append`, p99 (ms)"),
-    ("log_n20_ms", "`kledger log -n 20` in-process (ms)"),
-    ("show_recent_ms", "`kledger show ID` (5th newest event) in-process (ms)"),
-    ("show_ms", "`kledger show ID` (middle event) in-process (ms)"),
-    ("status_ms", "`kledger status` in-process (ms; reads the full active set)"),
-    ("log_n20_process_ms", "`kledger log -n 20` as a process, imports included (ms)"),
-    ("version_process_ms", "`kledger --version` as a process (ms: interpreter + imports alone)"),
+    ("log_n20_ms", "`kledger log -n 20` in-process, median (ms)"),
+    ("log_n20_p99_ms", "… p99 (ms)"),
+    ("show_recent_ms", "`kledger show ID` (5th newest event) in-process, median (ms)"),
+    ("show_recent_p99_ms", "… p99 (ms)"),
+    ("show_ms", "`kledger show ID` (middle event) in-process, median (ms)"),
+    ("show_p99_ms", "… p99 (ms)"),
+    ("status_ms", "`kledger status` in-process, median (ms)"),
+    ("status_p99_ms", "… p99 (ms)"),
+    ("python_process_ms", "`python -c pass` as a process, median (ms: the interpreter alone)"),
+    ("version_process_ms", "`kledger --version` as a process, median (ms)"),
+    ("log_n20_process_ms", "`kledger log -n 20` as a process, median (ms)"),
+    ("log_n20_process_p99_ms", "… p99 (ms)"),
+    ("show_recent_process_ms", "`kledger show ID` (5th newest) as a process, median (ms)"),
+    ("show_recent_process_p99_ms", "… p99 (ms)"),
+    ("show_process_ms", "`kledger show ID` (middle event) as a process, median (ms)"),
+    ("show_process_p99_ms", "… p99 (ms)"),
+    ("status_process_ms", "`kledger status` as a process, median (ms)"),
+    ("status_process_p99_ms", "… p99 (ms)"),
     ("verify_chain_rows_per_s", "`verify --no-objects` rate (rows/s)"),
+    ("verify_chain_peak_rss_mb", "`verify --no-objects` peak RSS of the process (MB)"),
     ("verify_rows_per_s", "`verify` rate, objects included (rows/s)"),
     ("verify_s", "`verify` time (s)"),
-    ("verify_peak_rss_mb", "`verify` peak RSS (MB)"),
+    ("verify_peak_rss_mb", "`verify` peak RSS of the process (MB)"),
     ("base_load_s", "base model load, lazy mmap (s)"),
     ("base_load_touch_s", "base model load + reading every weight once (s)"),
     ("materialise_s", "materialise HEAD onto the loaded base (s)"),
     ("part_active_s", "… `Ledger.active` (s)"),
+    ("active_s", "`Ledger.active(HEAD)` alone, re-measured after the change (s)"),
     ("part_load_deltas_s", "… reading + decoding the delta objects (s)"),
     ("materialise_rss_mb_over_model", "materialise peak RSS above the loaded model (MB)"),
     ("snapshot_make_s", "make a dense snapshot 500 events behind HEAD (s)"),
@@ -328,11 +401,13 @@ ROWS = [
 ]
 
 
-def write_md(results: dict, path: Path, note: str = "") -> None:
+def write_md(results: dict, path: Path, note: str = "", keys: set[str] | None = None) -> None:
     sizes = sorted(results, key=int)
     lines = ["| measure | " + " | ".join(f"{int(n):,} events" for n in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     for key, label in ROWS:
+        if keys is not None and key not in keys:
+            continue
         vals = [results[n].get(key) for n in sizes]
         if all(v is None for v in vals):
             continue
@@ -357,14 +432,15 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write a JSON of the results here")
     ap.add_argument("--ops", nargs="*", default=["cli", "process", "verify_chain", "verify", "base", "materialise",
                                                   "snapshot", "append"])
-    ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--skip-build", action="store_true",
+                    help="measure the ledgers already under --workdir (built by an earlier run) without rebuilding")
     ap.add_argument("--md", help="only render the JSON given by --out as a markdown table to this file")
     ap.add_argument("--op")
     ap.add_argument("--root")
     args = ap.parse_args()
     if args.op:  # worker mode
         res = OPS[args.op](Path(args.root))
-        res[args.op + "_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        res[args.op + "_peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(res))
         return
     results = {}
@@ -379,8 +455,14 @@ def main() -> None:
         row = dict(results.get(str(n), {}))
         if not args.skip_build:
             row.update(build(root, n))
-        row["disk_bytes_per_event"] = round(disk_bytes(root) / n)
-        row["db_bytes_per_event"] = round((root / ".kledger" / "ledger.duckdb").stat().st_size / n)
+        elif not (root / ".kledger" / "ledger.duckdb").is_file():
+            raise SystemExit(f"--skip-build: expected a ledger at {root}, found none (run without --skip-build)")
+        from kledger.ledger.store import Ledger
+
+        events = Ledger(root / ".kledger").count()  # ``append`` runs add 100 events each time
+        row["events"] = events
+        row["disk_bytes_per_event"] = round(disk_bytes(root) / events)
+        row["db_bytes_per_event"] = round((root / ".kledger" / "ledger.duckdb").stat().st_size / events)
         row.update(measure(root, args.ops))
         results[str(n)] = row
         if args.out:

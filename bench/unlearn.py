@@ -15,10 +15,11 @@ LEARN: ``--n-learn`` CounterFact records (prompt → target_new, counterfactual)
 accuracy (all answer tokens top-1), paraphrase accuracy, and accuracy on other known facts are
 compared with a hand-written LoRA of the same rank on the same weights (Adam, B = 0 start).
 
-    python bench/unlearn.py forget --sweep default            # table rows for the defaults
-    python bench/unlearn.py forget --set scale=2 --set steps=10 --no-discriminate-baseline
-    python bench/unlearn.py learn
-Results are appended to bench/results/unlearn.md (``--out``).
+    python bench/unlearn.py forget --sweep default discriminate=false   # with / without discrimination
+    python bench/unlearn.py forget --relation P103 --n-forget 10 --retain-same 6 --sweep default scale=0.6
+    python bench/unlearn.py learn --sweep default method=lora,rank=64 method=lora,rank=64,lr=0.003
+Results are appended to bench/results/unlearn.md (``--out``); that file lists the exact commands
+of its tables.
 """
 
 from __future__ import annotations

@@ -7,12 +7,14 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import click
 
 from kledger.ledger.errors import ModelMismatchError, UsageError
-from kledger.ledger.store import Ledger
+
+if TYPE_CHECKING:  # duckdb is imported by the first command that opens the ledger (not by --version)
+    from kledger.ledger.store import Ledger
 
 log = logging.getLogger("kledger")
 
@@ -29,6 +31,8 @@ class App:
     # --- ledger --------------------------------------------------------------------------
     def ledger(self) -> Ledger:
         if self._ledger is None:
+            from kledger.ledger.store import Ledger
+
             self._ledger = Ledger.open(self.ledger_dir)
         return self._ledger
 

@@ -23,6 +23,20 @@ from kledger.ledger.errors import AuditThresholdError
 from kledger.ledger.probes import describe_sources, find_or_build
 from kledger.ledger.records import Event
 
+def probe_set(app: App, ledger, model, tok, probes_file: str | None):
+    """The ledger's probe set (built from the base ``model`` and recorded if there is none yet, or
+    if ``probes_file`` differs from the latest): (probes, its event, recorded now?)."""
+    from kledger.editors.models import cache_dir
+    from kledger.ledger.probes import PROBES_VERSION
+
+    fp = ledger.base_model()["fingerprint"]
+    probes, pev, built = find_or_build(ledger, model, tok, probes_file, base_info=ledger.base_model(),
+                                       cache=cache_dir() / "probes" / f"default-{fp[:16]}-v{PROBES_VERSION}.safetensors")
+    if built:
+        app.progress_note(f"recorded {describe_sources(probes)} as event {pev.id}")
+    return probes, pev, built
+
+
 _ORDER = ("ppl_ratio", "kl", "retention_drop", "edit_retention_drop", "weight_rel", "sv_growth")
 _BASE = {"ppl_ratio": 1.0, "kl": 0.0, "retention_drop": 0.0, "edit_retention_drop": None, "weight_rel": 0.0,
          "sv_growth": 1.0}
@@ -114,13 +128,9 @@ def audit(app: App, ref, json_flag, report_dir, blame, max_culprits, probes_file
     app.progress_note("preparing the probe set")
     from kledger.editors.models import cache_dir
     from kledger.ledger.drift import cache_file
-    from kledger.ledger.probes import PROBES_VERSION
 
     fp = ledger.base_model()["fingerprint"]
-    probes, pev, built = find_or_build(ledger, model, tok, probes_file, base_info=ledger.base_model(),
-                                       cache=cache_dir() / "probes" / f"default-{fp[:16]}-v{PROBES_VERSION}.safetensors")
-    if built:
-        app.progress_note(f"recorded {describe_sources(probes)} as event {pev.id}")
+    probes, pev, built = probe_set(app, ledger, model, tok, probes_file)
     auditor = A.Auditor(ledger, model, tok, probes, th, drift_cache=cache_file(cache_dir() / "drift", fp))
     app.progress_note(f"measuring {version.id}")
     res = auditor.audit(version)

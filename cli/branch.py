@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,13 +20,19 @@ from kledger.cli.app import App, pass_app
 from kledger.cli.main import cli
 from kledger.ledger.canonical import canonical_json
 from kledger.ledger.errors import StateError, UsageError
-from kledger.ledger.merge import (
-    DEFAULT_DENSITY, STRATEGIES, MergePlan, analyse, combine, plan_merge, requests_of, ties_correction,
-)
 from kledger.ledger.records import Event, FactRequest
 from kledger.ledger.store import Ledger
 
+if TYPE_CHECKING:
+    from kledger.ledger.merge import MergePlan
+
 log = logging.getLogger(__name__)
+
+# ``kledger.ledger.merge`` needs torch, which `branch`, `switch` and `branches` do not: it is
+# imported inside the merge functions, and its option values are repeated here
+# (tests/test_cli_imports.py checks that they agree)
+STRATEGIES = ("sum", "resolve", "ties")
+DEFAULT_DENSITY = 0.2
 
 #: methods that solve a batch of facts jointly when their class does not say (attribute ``batch_solve``)
 BATCH_METHODS = ("memit", "alphaedit")
@@ -118,6 +124,8 @@ def merge(app: App, branch: str, strategy: str, dry_run: bool, choose_ours, choo
     the exit code is 1. Warnings (same fact on both sides, overlapping sparse entries,
     opposite-sign updates) and the interference table ‖Δ_B k_A‖ are shown either way.
     """
+    from kledger.ledger.merge import analyse, plan_merge
+
     ledger = app.ledger()
     with ledger.session():  # one read-only connection for the whole analysis
         ours = ledger.head()
@@ -152,6 +160,8 @@ def do_merge(ledger: Ledger, plan: MergePlan, strategy: str, *, branch: str, den
              message: str | None = None, app: App | None = None, device: str | None = None,
              progress: bool = False, stats_corpus: str | None = None) -> tuple[Event, dict]:
     """Append the merge event for ``plan`` with ``strategy``; returns it and strategy details."""
+    from kledger.ledger.merge import ties_correction
+
     if plan.unresolved:
         raise StateError(f"expected no unresolved hard conflicts, found {len(plan.unresolved)}")
     if strategy not in STRATEGIES:
@@ -206,6 +216,7 @@ def _resolve(ledger: Ledger, plan: MergePlan, *, device: str, progress: bool,
     starting from the merged active set without those edits (so edits of other methods and
     both sides' reverts are already in the model)."""
     from kledger.cli.rebase import compute_edit, load_model_with
+    from kledger.ledger.merge import combine, requests_of
 
     side = sorted(plan.kept("ours") + plan.kept("theirs"), key=lambda e: e.seq)
     groups: dict[tuple[str, str], list[Event]] = {}

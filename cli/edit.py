@@ -11,7 +11,6 @@ import click
 
 from kledger.cli.app import App, pass_app
 from kledger.cli.main import cli
-from kledger.cli.workflow import Workspace, init_ledger
 from kledger.editors.registry import EDITORS, editor_class
 from kledger.ledger.errors import NotFoundError, UsageError
 from kledger.ledger.records import FactRequest, load_requests
@@ -51,14 +50,28 @@ def _parse_sets(pairs: tuple[str, ...], config_file: str | None) -> dict:
 @click.option("--model", "model_spec", required=True, help="Local HF model folder or alias (smollm2-135m).")
 @click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Where to create .kledger/.")
+@click.option("--probes", "probes", metavar="default|FILE",
+              help="Also record the audit probe set now (the defaults, or facts/prompts/texts from FILE):"
+                   " every later edit then gets a per-edit pulse (KL, retention) in its metrics.")
 @pass_app
-def init(app: App, model_spec: str, directory: str) -> None:
+def init(app: App, model_spec: str, directory: str, probes: str | None) -> None:
     """Create a ledger (.kledger/) for a base model; record its fingerprint."""
+    from kledger.cli.workflow import init_ledger  # torch and the editors: only when a model is needed
+
+    if probes not in (None, "default") and not Path(probes).is_file():
+        raise UsageError(f"--probes: expected 'default' or a probe file, found no file {probes!r}")
     Path(directory).mkdir(parents=True, exist_ok=True)
     ledger = init_ledger(directory, model_spec)
     base = ledger.base_model()
-    app.emit({"ledger": str(ledger.root), "base_model": base, "head": ledger.head().id},
-             f"initialised {ledger.root} for {model_spec} (fingerprint {base['fingerprint'][:16]}…)")
+    out = {"ledger": str(ledger.root), "base_model": base, "head": ledger.head().id}
+    if probes:
+        from kledger.cli.audit import probe_set
+
+        app._ledger = ledger
+        model, tok, _ = app.load_base()
+        ps, pev, _ = probe_set(app, ledger, model, tok, None if probes == "default" else probes)
+        out["probes"] = {"event": pev.id, "sha256": ps.sha256, **ps.summary()}
+    app.emit(out, f"initialised {ledger.root} for {model_spec} (fingerprint {base['fingerprint'][:16]}…)")
 
 
 class _AddCommand(click.Command):
@@ -109,6 +122,8 @@ def add(app: App, prompt, target, subject, target_true, method, from_file, batch
         if "blue" not in {f.name for f in dataclasses.fields(cls.config_cls)}:
             raise UsageError(f"--blue: expected a locate-then-edit method (memit, alphaedit), found {method!r}")
         overrides["blue"] = True
+    from kledger.cli.workflow import Workspace  # torch and the editors: only when a model is needed
+
     ledger = _ledger_or_init(app, model_spec)
     ws = Workspace(ledger, device=app.device, progress=app.show_progress, model_spec=model_spec)
     bar = app.progress(total=len(requests), desc=f"{method} edits")
@@ -134,6 +149,8 @@ def _ledger_or_init(app: App, model_spec: str | None) -> Ledger:
     except NotFoundError:
         if model_spec is None or app.ledger_dir or os.environ.get("KLEDGER_DIR"):
             raise
+    from kledger.cli.workflow import init_ledger
+
     ledger = init_ledger(".", model_spec)
     if not app.quiet and not app.as_json:
         click.echo(f"initialised {ledger.root} for {model_spec}", err=True)

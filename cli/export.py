@@ -6,7 +6,6 @@ import click
 
 from kledger.cli.app import App, pass_app
 from kledger.cli.main import cli
-from kledger.cli.workflow import Workspace
 
 
 @cli.command()
@@ -16,6 +15,8 @@ from kledger.cli.workflow import Workspace
 @pass_app
 def export(app: App, out: str, ref: str, force: bool) -> None:
     """Materialise a version onto the base model and save it to OUT, with kledger.json provenance."""
+    from kledger.cli.workflow import Workspace  # torch: only when a model is needed
+
     ws = Workspace(app.ledger(), device=app.device, progress=app.show_progress)
     m = ws.export(out, ref, overwrite=force)
     app.emit({"out": out, "version": m.version.id, "active_events": [e.id for e in m.active],

@@ -13,10 +13,8 @@ from kledger.ledger.records import Event
 def _history(ledger, start: Event, n: int | None) -> list[Event]:
     """Events reachable from ``start`` by first-parent links, newest first (audits included)."""
     out: list[Event] = []
-    # the fast path: this branch's own rows, newest first, then follow the oldest's parent
-    rows = ledger.events(branch=start.branch, limit=None if n is None else n + 50)
-    rows = [e for e in rows if e.seq <= start.seq]
-    out.extend(rows[: n] if n is not None else rows)
+    # the fast path: this branch's own rows up to ``start``, newest first, then follow the oldest's parent
+    out.extend(ledger.events(branch=start.branch, upto=start.seq, limit=n))
     cur = out[-1] if out else start
     while (n is None or len(out) < n) and cur.parent is not None:
         cur = ledger.get(cur.parent)
@@ -35,11 +33,13 @@ def log_cmd(app: App, limit, show_all, ref) -> None:
     """List events, newest first (one line each)."""
     ledger = app.ledger()
     with ledger.session():  # one connection; only the listed window of history is read
-        events = ledger.events(limit=limit) if show_all else _history(ledger, ledger.resolve(ref), limit)
-        active = ledger.active_among([e.id for e in events], ref) if not show_all else None
-        head = ledger.head().id
+        start = None if show_all else ledger.resolve(ref)
+        events = ledger.events(limit=limit) if show_all else _history(ledger, start, limit)
+        active = ledger.active_among(events, start) if not show_all else None
+        head = start.id if start is not None and ref.strip() == "HEAD" else ledger.head().id
     if app.as_json:
-        app.emit([e.to_json() | ({"active": e.id in active} if active is not None and e.type == "add" else {})
+        app.emit([e.to_json() | ({"active": e.id in active}
+                                 if active is not None and e.type in ("add", "forget", "learn", "merge") else {})
                   for e in events])
         return
     for e in events:
@@ -58,9 +58,9 @@ def show(app: App, event: str) -> None:
     with ledger.session():
         ev = ledger.resolve(event)
         data = ev.to_json()
-        data["active_at_head"] = ev.id in ledger.active_among([ev.id], "HEAD")
+        data["active_at_head"] = ev.id in ledger.active_among([ev], "HEAD")
     if ev.delta_sha256:
-        data["delta"] = ledger.load_delta(ev).summary()
+        data["delta"] = ledger.delta_summary(ev)  # without torch: `show` starts fast
     if app.as_json:
         app.emit(data)
         return
@@ -92,10 +92,11 @@ def show(app: App, event: str) -> None:
 def status(app: App) -> None:
     """Current branch, head, active edits and base model."""
     ledger = app.ledger()
-    head = ledger.head()
-    active = ledger.active(head)
-    data = {"ledger": str(ledger.root), "branch": ledger.current_branch(), "head": head.id,
-            "events": ledger.count(), "active_edits": len(active), "base_model": ledger.base_model()}
+    with ledger.session():  # one connection; the active edits are counted in SQL, not read
+        head = ledger.head()
+        data = {"ledger": str(ledger.root), "branch": ledger.current_branch(), "head": head.id,
+                "events": ledger.count(), "active_edits": ledger.active_count(head),
+                "base_model": ledger.base_model()}
     app.emit(data, "\n".join(f"{k}: {v}" for k, v in data.items()))
 
 

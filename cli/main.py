@@ -6,6 +6,7 @@ Exit codes: 0 ok · 1 error · 2 usage · 3 audit threshold crossed · 4 integri
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -17,6 +18,14 @@ from kledger.ledger.errors import KledgerError
 
 
 class _Group(click.Group):
+    def get_command(self, ctx, cmd_name):
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            importlib.import_module(f"kledger.cli.{COMMANDS[cmd_name]}")  # registers its commands on ``cli``
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx):
+        return sorted(set(self.commands) | set(COMMANDS))
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -58,21 +67,33 @@ def cli(ctx, ledger_dir, as_json, quiet, device, verbose):
         logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        from transformers.utils import logging as tlog
+    # transformers is imported only by commands that load a model (it costs seconds): these make
+    # it quiet when it is; if it already is (kledger used in-process), quieten it directly
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        try:
+            from transformers.utils import logging as tlog
 
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except Exception:  # pragma: no cover - transformers always present in practice
-        pass
+            tlog.set_verbosity_error()
+            tlog.disable_progress_bar()
+        except Exception:  # pragma: no cover
+            pass
     ctx.obj = App(ledger_dir=ledger_dir, as_json=as_json, quiet=quiet, device=device, verbose=verbose)
 
 
-from kledger.cli import edit as _edit  # noqa: E402  (commands register themselves on ``cli``)
-from kledger.cli import inspect as _inspect  # noqa: E402,F401
-from kledger.cli import export as _export  # noqa: E402,F401
-from kledger.cli import branch as _branch  # noqa
-from kledger.cli import audit as _audit  # noqa
+#: Which module of ``kledger.cli`` defines each command. A command's module is imported when the
+#: command is run (or listed by ``--help``), so ``kledger log``/``show``/``status``/``verify``
+#: never import torch, transformers or the editors. A new command module must be listed here
+#: (tests/test_cli_imports.py checks that this table and the commands the modules define agree).
+COMMANDS = {
+    "init": "edit", "add": "edit", "revert": "edit",
+    "log": "inspect", "show": "inspect", "status": "inspect", "verify": "inspect", "generate": "inspect",
+    "export": "export",
+    "branch": "branch", "switch": "branch", "branches": "branch", "merge": "branch",
+    "audit": "audit",
+    "forget": "unlearn", "learn": "unlearn",  # UNLEARN / LEARN
+}
 
 
 def main(argv=None) -> None:
@@ -80,4 +101,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # ``python -m kledger.cli.main``: run the module the command modules register on, not this copy
+    from kledger.cli.main import main as _main
+
+    _main()

@@ -52,7 +52,7 @@ def load_model_with(ledger: Ledger, ids: Sequence[str], device: str = "auto"):
 
 def compute_edit(ledger: Ledger, model, tok, method: str, config: Mapping[str, Any] | None,
                  requests: Sequence[FactRequest], states: list[dict], progress: bool = False, seed: int = 0,
-                 stats_corpus: str | None = None):
+                 stats_corpus: str | None = None, **compute_kwargs):
     """Run ``method`` with its recorded config on ``requests``; ``states`` = method history.
 
     ``stats_corpus``: the key-statistics corpus the original edits used, if not the default
@@ -67,7 +67,14 @@ def compute_edit(ledger: Ledger, model, tok, method: str, config: Mapping[str, A
         history={"states": states} if getattr(cls, "needs_history", False) else {},
         progress=progress, seed=seed, stats_corpus=stats_corpus,
     )
-    return editor.compute(model, tok, list(requests), ctx)
+    return editor.compute(model, tok, list(requests), ctx, **compute_kwargs)
+
+
+def retain_of(ev: Event) -> list[FactRequest]:
+    """The retain facts a forget/learn event used (recorded in ``ensemble.retain.used``)."""
+    retain = (ev.ensemble or {}).get("retain") if isinstance(ev.ensemble, Mapping) else None
+    used = retain.get("used") if isinstance(retain, Mapping) else None
+    return [FactRequest.from_json(r) for r in used or [] if isinstance(r, Mapping)]
 
 
 @dataclass
@@ -153,8 +160,9 @@ def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", prog
         hist = prefix_states[ev.method] + new_states.get(ev.method, [])
         reqs = [FactRequest.from_json(r) for r in requests_of(ev)]
         t1 = time.perf_counter()
+        extra = {"retain": retain_of(ev)} if ev.type in ("forget", "learn") else {}
         results = compute_edit(ledger, model, tok, ev.method, ev.config, reqs, hist, progress=progress,
-                               stats_corpus=stats_corpus)
+                               stats_corpus=stats_corpus, **extra)
         dt = time.perf_counter() - t1
         for res in results:
             apply_deltas(model, [res.delta])
@@ -174,7 +182,7 @@ def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", prog
         metrics.setdefault("time_s", round(dt, 4))
         metrics["rebased_from"] = old.id
         req_json: Any = [r.to_json() for r in res.requests]
-        if len(req_json) == 1:
+        if len(req_json) == 1 and not isinstance(old.request, list):
             req_json = req_json[0]
         ev = ledger.append(old.type, request=req_json, method=old.method, config=old.config,
                            ensemble=dict(res.ensemble), metrics=metrics, delta=res.delta, expect_head=head,

@@ -1,9 +1,11 @@
-"""The porcelain: init, add, revert, export as library calls (used by the CLI, examples, benches).
+"""The porcelain: init, add, forget, learn, revert, export as library calls (CLI, examples, benches).
 
 This is the one place where editors meet the ledger: requests go to an editor, its deltas go to
 ``Ledger.append``. The working model is the base model materialised at the branch head; each
 batch's deltas are written into it before the next batch, so a file of facts is edited
 sequentially (the lifelong setting) and every fact is its own revertable event.
+``forget``/``learn`` (UNLEARN/LEARN) take a whole set of facts (plus a retain set) and append
+one event for it; they share ``_edit`` with ``add``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class Workspace:
     _tok: Any = field(default=None, repr=False)
     _at: str | None = field(default=None, repr=False)  # event id the working model reflects
     _drift: DriftTracker | None = field(default=None, repr=False)  # per-edit weight drift (cached bases)
+    pulse: bool = True  # per-edit function-level check (once per batch) when the ledger has a probe set
+    _probes: Any = field(default=None, repr=False)
+    _thresholds: dict = field(default_factory=dict, repr=False)
 
     def load_base(self):
         base = self.ledger.base_model()
@@ -97,13 +102,59 @@ class Workspace:
             raise UsageError("expected at least one fact request, found none")
         if batch_size < 1:
             raise UsageError(f"expected --batch-size ≥ 1, found {batch_size}")
+        batches = [list(requests[i : i + batch_size]) for i in range(0, len(requests), batch_size)]
+        return self._edit(method, batches, overrides, on_event=on_event, message=message,
+                          stats_corpus=stats_corpus, **compute_kwargs)
+
+    def forget(self, requests: Sequence[FactRequest], retain: Sequence[FactRequest] = (),
+               overrides: Mapping[str, Any] | None = None, on_event: Callable[[Event], None] | None = None,
+               message: str | None = None, method: str = "forget") -> Event:
+        """UNLEARN ``requests`` (keeping what ``retain`` shares): one ``forget`` event for the set."""
+        return self._subspace("forget", requests, retain, overrides, on_event, message, method)
+
+    def learn(self, requests: Sequence[FactRequest], retain: Sequence[FactRequest] = (),
+              overrides: Mapping[str, Any] | None = None, on_event: Callable[[Event], None] | None = None,
+              message: str | None = None, method: str = "learn") -> Event:
+        """LEARN ``requests`` (orthogonally to ``retain``): one ``learn`` event for the set."""
+        return self._subspace("learn", requests, retain, overrides, on_event, message, method)
+
+    def _subspace(self, mode: str, requests, retain, overrides, on_event, message, method) -> Event:
+        cls = editor_class(method)
+        if getattr(cls, "event_type", "add") != mode:
+            raise UsageError(f"expected a method that records {mode!r} events, found {method!r}")
+        requests = list(requests)
+        if not requests:
+            raise UsageError(f"expected at least one fact to {mode}, found none")
+        events = self._edit(method, [requests], overrides, on_event=on_event, message=message,
+                            retain=list(retain), list_requests=True)
+        if len(events) != 1:  # pragma: no cover - the subspace editors return one result per call
+            raise StateError(f"expected one {mode} event, found {len(events)}")
+        return events[0]
+
+    def _edit(
+        self,
+        method: str,
+        batches: Sequence[Sequence[FactRequest]],
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+        message: str | None = None,
+        stats_corpus: str | None = None,
+        list_requests: bool = False,
+        **compute_kwargs: Any,
+    ) -> list[Event]:
+        """Run ``method`` on each batch in turn against the working model; append one event per
+        result (type ``cls.event_type``, default ``add``) and write its delta into the working
+        model before the next batch. ``list_requests``: record the requests as a list even when
+        there is one (a forget/learn *set*); otherwise a single request is recorded as an object.
+        """
         cls = editor_class(method)
         editor = cls(make_config(cls.config_cls, overrides))
+        event_type = getattr(cls, "event_type", "add")
         model, tok = self.working()
         base_info = self.ledger.base_model()
         events: list[Event] = []
-        for start in range(0, len(requests), batch_size):
-            batch = list(requests[start : start + batch_size])
+        for batch in batches:
             head = self.ledger.head()
             ctx = EditContext(
                 fingerprint=base_info["fingerprint"], cache_dir=self.ledger.cache_dir,
@@ -111,7 +162,7 @@ class Workspace:
                 progress=self.progress, stats_corpus=stats_corpus,
             )
             t0 = time.perf_counter()
-            results = editor.compute(model, tok, batch, ctx, **compute_kwargs)
+            results = editor.compute(model, tok, list(batch), ctx, **compute_kwargs)
             elapsed = time.perf_counter() - t0
             config = config_to_json(editor.config)
             for res in results:
@@ -120,20 +171,51 @@ class Workspace:
                 metrics["drift"], drift_s = measure_edit(self._drift_tracker(), model, res.delta)
                 metrics["drift_s"] = round(drift_s, 4)
                 req_json: Any = [r.to_json() for r in res.requests]
-                if len(res.requests) == 1:
+                if len(res.requests) == 1 and not list_requests:
                     req_json = req_json[0]
-                ev = self.ledger.append(
-                    cls.event_type if hasattr(cls, "event_type") else "add",
-                    request=req_json, method=method, config=config, ensemble=dict(res.ensemble),
-                    metrics=metrics, delta=res.delta, expect_head=head.id, message=message,
-                )
+                # the delta goes into the working model first, so the pulse sees HEAD + this edit
                 apply_deltas(model, [res.delta])
+                try:
+                    if res is results[-1]:  # once per editor call: after the batch's last delta
+                        self._pulse(model, tok, metrics)
+                    ev = self.ledger.append(
+                        event_type, request=req_json, method=method, config=config, ensemble=dict(res.ensemble),
+                        metrics=metrics, delta=res.delta, expect_head=head.id, message=message,
+                    )
+                except BaseException:
+                    self._at = None  # the working model holds an unrecorded delta: re-materialise
+                    raise
                 self._at = ev.id
                 head = ev
                 events.append(ev)
                 if on_event:
                     on_event(ev)
         return events
+
+    def _pulse(self, model, tok, metrics: dict[str, Any]) -> None:
+        """Per-edit function-level check (``kledger.ledger.audit.pulse``), run after the last delta
+        of each editor call (every edit when the batch size is 1), once the ledger holds a probe set (recorded by the first ``kledger audit``, or ``kledger audit --probes-only``):
+        KL to the base and retention drop on a fixed subset of the probes, recorded in the
+        event's metrics as ``pulse``; crossing an audit threshold logs a collapse warning."""
+        if not self.pulse:
+            return
+        from kledger.ledger import audit as A
+        from kledger.ledger.probes import latest_probes_event, load_probes
+
+        if self._probes is None:
+            pev = latest_probes_event(self.ledger)
+            if pev is None:
+                return
+            self._probes = load_probes(self.ledger, pev)
+            self._thresholds = A.stored_thresholds(self.ledger)[0]
+        figures = A.pulse(model, tok, self._probes)
+        bounds = {k: self._thresholds.get(k) for k in A.PULSE_THRESHOLDS}
+        figures["crossed"] = A.crossed(figures, bounds)
+        metrics["pulse"] = figures
+        if figures["crossed"]:
+            text = ", ".join(f"{k} {figures[k]} > {bounds[k]}" for k in figures["crossed"])
+            log.warning("collapse warning after this edit: %s (per-edit pulse on %d prompts / %d facts);"
+                        " run `kledger audit --blame`", text, figures["prompts"], figures["facts"])
 
     def _drift_tracker(self) -> DriftTracker:
         """Drift against the base (``kledger.ledger.drift``): W0 is read from the base model's

@@ -26,6 +26,13 @@ The result is one ``EditResult`` for the whole forget/learn set: per edited weig
 ``LowRankDelta`` in the parameter's own storage layout (GPT-2's Conv1D stores in×out, so the
 factors swap: ``u = V``, ``v = ±scale·U'Σ``; for ``nn.Linear`` ``u = ±scale·U'Σ``, ``v = V``).
 
+What a ledger event records (``EditResult.ensemble``): ``rank_before``/``rank`` (total rank
+after the energy cut-off / after discrimination), per edited weight ``layers[i]`` with its
+logical ``shape`` (out, in), ``rank_before``, ``rank``, ``retain_rank`` (rank of ``Q``),
+``overlap_removed`` (share of the truncated update's energy inside the retain subspace),
+``energy_kept`` and ``task_norm``; and ``retain``: the size and sha256 of the retain set given
+and the facts used (≤ ``max_retain``), so ``revert --rebase`` can recompute the same edit.
+
 All computation happens on ``torch.func.functional_call`` overrides: the model's parameters
 are never written (and ``preserved`` restores them bit for bit regardless).
 
@@ -54,6 +61,7 @@ from torch.func import functional_call
 from kledger.editors.base import EditContext, EditResult, Editor, preserved
 from kledger.editors.scoring import encode_pairs
 from kledger.editors.sites import Sites, num_layers, sites_for
+from kledger.ledger.canonical import canonical_json, sha256_hex
 from kledger.ledger.deltas import Delta, LowRankDelta
 from kledger.ledger.errors import NumericalError, UsageError
 from kledger.ledger.records import FactRequest, load_requests
@@ -78,7 +86,9 @@ class SubspaceConfig:
     steps: int = 10  # Adam steps of the fit (5 / 10 / 20 steps at lr 1e-3 / 1e-3 / 3e-4 ≈ equal)
     lr: float = 1e-3  # Adam learning rate of the fit
     energy: float = 0.9  # rank cut-off: keep this share of ‖T‖_F² (squared singular values)
-    max_rank: int = 64  # upper bound on the rank per weight (128 measured no better than 64)
+    # upper bound on the rank per weight (128 measured no better than 64; with scale 0.6: P103 forget
+    # rate 0.80 → 0.90 but P140 1.00 → 0.80)
+    max_rank: int = 64
     discriminate: bool = True  # orthogonalise against the retain set's basis (when one is given)
     # "left" (output space, the paper's U), "right" (input space, V) or "both". Measured at forget
     # rate ≥ 0.93: both kept 0.98 of other facts, right 0.95, left 0.97 but with perplexity drift.
@@ -86,7 +96,9 @@ class SubspaceConfig:
     retain_energy: float = 0.9  # energy cut-off of the retain basis Q
     min_residual: float = 0.05  # drop forget directions keeping less of their norm after projection
     # W ← W ∓ scale·T'. Forget, 4 splits (P36 ×2 seeds, P103, P30): 0.4 → forget rate 1.00 on all,
-    # other facts 0.97–0.98; 0.5 → 1.00, 0.95–0.98; 0.3 → 0.93, 1.00.
+    # other facts 0.97–0.98; 0.5 → 1.00, 0.95–0.98; 0.3 → 0.93, 1.00. With 6–10 same-relation facts
+    # in the retain set (bench/results/unlearn.md): 0.4 → P36/P140 1.00, P103 0.80, other facts
+    # 0.97–1.00; 0.6 → P103 0.90 (6) / 0.80 (10), but P140's same-relation accuracy 0.73 → 0.45.
     scale: float = 0.4
     max_retain: int = 64  # at most this many retain facts (a seeded sample) build Q
     batch_size: int = 32  # facts per forward pass in the fits
@@ -359,6 +371,23 @@ def to_storage(w: EditedWeight, out_factor: torch.Tensor, in_factor: torch.Tenso
     return LowRankDelta(shape=tuple(shape), u=out_factor.contiguous(), v=in_factor.contiguous())
 
 
+def compact_request(r: FactRequest) -> dict[str, Any]:
+    """``r.to_json()`` without empty fields (``FactRequest.from_json`` reads it back equal)."""
+    return {k: v for k, v in r.to_json().items() if v not in (None, [], ())}
+
+
+def requests_sha256(requests: Sequence[FactRequest]) -> str:
+    """sha256 of the canonical JSON of a fact set (order matters, as it does for the fit)."""
+    return sha256_hex(canonical_json([r.to_json() for r in requests]))
+
+
+def retain_record(given: Sequence[FactRequest], used: Sequence[FactRequest], discriminated: bool) -> dict[str, Any]:
+    """What an event records of the retain set: size and hash of the set given, and the facts
+    used (at most ``max_retain``: passing them back as ``retain`` recomputes the same edit)."""
+    return {"given": len(given), "sha256": requests_sha256(given) if given else None,
+            "used": [compact_request(r) for r in used], "discriminated": discriminated}
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -378,6 +407,7 @@ class _SubspaceEditor(Editor):
         retain = list(retain)
         if not retain and cfg.retain_file:
             retain = load_requests(cfg.retain_file)
+        retain_given = retain
         n_retain_given = len(retain)
         if len(retain) > cfg.max_retain:
             retain = random.Random(ctx.seed).sample(retain, cfg.max_retain)
@@ -421,6 +451,7 @@ class _SubspaceEditor(Editor):
                     if cfg.side in ("right", "both"):
                         removed = removed - (removed @ q.v.to(dev)) @ q.v.to(dev).T
                     overlap = 1.0 - float((removed**2).sum() / (full**2).sum().clamp_min(1e-30))
+                rank_before = int(sub.s.numel())
                 rank = int(s.numel())
                 if rank == 0:  # nothing left outside the retain subspace: one zero direction
                     u = torch.zeros(u.shape[0], 1, device=dev)
@@ -429,7 +460,8 @@ class _SubspaceEditor(Editor):
                 out_factor = (sign * cfg.scale) * (u * s)
                 td = to_storage(w, out_factor.cpu(), v.cpu(), params[w.name].shape)
                 tensors[w.name] = td
-                entry.update(rank=rank, retain_rank=q_rank, overlap_removed=round(overlap, 6),
+                entry.update(shape=[int(u.shape[0]), int(v.shape[0])], rank_before=rank_before, rank=rank,
+                             retain_rank=q_rank, overlap_removed=round(overlap, 6),
                              energy_kept=round(sub.energy_kept, 6),
                              task_norm=round(float(torch.linalg.vector_norm(task[w.name].s)), 6))
                 per_layer.append(entry)
@@ -451,7 +483,14 @@ class _SubspaceEditor(Editor):
                 metrics["retain_loss_before"] = round(retain_facts.mean_nll(model), 6)
                 metrics["retain_loss_after"] = round(retain_facts.mean_nll(model, overrides), 6)
             metrics["time_s"] = round(time.perf_counter() - t0, 3)
-        ensemble = {"mode": self.mode, "side": cfg.side, "layers": per_layer}
+        ensemble = {
+            "mode": self.mode, "side": cfg.side,
+            # total rank over the edited weights: after the energy cut-off, after discrimination
+            "rank_before": sum(x["rank_before"] for x in per_layer),
+            "rank": sum(x["rank"] for x in per_layer),
+            "layers": per_layer,
+            "retain": retain_record(retain_given, retain, use_retain),
+        }
         return [EditResult(requests=tuple(requests), delta=delta, ensemble=ensemble, metrics=metrics)]
 
 
@@ -460,6 +499,7 @@ class UnlearnEditor(_SubspaceEditor):
 
     name = "forget"
     mode = "forget"
+    event_type = "forget"  # the ledger event type Workspace appends
     summary = "subtract the forget set's low-rank task subspace (orthogonal to a retain set)"
     config_cls = SubspaceConfig
 
@@ -469,5 +509,6 @@ class LearnEditor(_SubspaceEditor):
 
     name = "learn"
     mode = "learn"
+    event_type = "learn"
     summary = "add the learn set's low-rank task subspace (orthogonal to a retain set)"
     config_cls = LearnConfig

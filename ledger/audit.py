@@ -180,7 +180,36 @@ def _pad_id(tok) -> int:
     return 0
 
 
-def _forward(model: nn.Module, rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+class _LogitsAt:
+    """Context manager: the output embedding (LM head) sees only the hidden states at ``index``
+    (rows × P positions), so the logits are rows × P × vocabulary instead of rows × length ×
+    vocabulary. The head is most of a small model's cost per token (SmolLM2-135M: 49k × 576 of its
+    135M parameters); the hook is always removed."""
+
+    def __init__(self, model: nn.Module, index: torch.Tensor | None) -> None:
+        self.model, self.index, self.handle = model, index, None
+
+    def __enter__(self) -> "_LogitsAt":
+        head = self.model.get_output_embeddings() if self.index is not None else None
+        if head is not None:
+            idx = self.index
+
+            def pre(module, args):
+                h = args[0]
+                return (h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])),) + tuple(args[1:])
+
+            self.handle = head.register_forward_pre_hook(pre)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def _forward(model: nn.Module, rows: Sequence[Sequence[int]], pad: int,
+             positions: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """Logits of right-padded ``rows``: all positions (rows × width × V), or with ``positions``
+    only those of each row (rows × max count × V; row j's k-th entry is position positions[j][k])."""
     dev = next(model.parameters()).device
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -188,7 +217,18 @@ def _forward(model: nn.Module, rows: Sequence[Sequence[int]], pad: int) -> torch
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
-    return model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+    index = None
+    if positions is not None:
+        n = max(max((len(p) for p in positions), default=1), 1)
+        index = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, p in enumerate(positions):
+            index[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+        index = index.to(dev)
+    with _LogitsAt(model, index) as hook:
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+    if index is not None and hook.handle is None:  # no separate output embedding: select afterwards
+        logits = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+    return logits
 
 
 @torch.no_grad()
@@ -198,10 +238,8 @@ def last_logprobs(model: nn.Module, tok, prompts: Sequence[str], batch_tokens: i
     rows = [_ids(tok, p) for p in prompts]
     pad = _pad_id(tok)
     for group in _batches([len(r) for r in rows], batch_tokens):
-        logits = _forward(model, [rows[i] for i in group], pad)
-        last = torch.tensor([len(rows[i]) - 1 for i in group], device=logits.device)
-        sel = logits[torch.arange(len(group), device=logits.device), last]
-        yield group, torch.log_softmax(sel, dim=-1)
+        logits = _forward(model, [rows[i] for i in group], pad, [[len(rows[i]) - 1] for i in group])
+        yield group, torch.log_softmax(logits[:, 0], dim=-1)
 
 
 @torch.no_grad()
@@ -236,13 +274,14 @@ def answers_hold(model: nn.Module, tok, pairs: Sequence[tuple[str, str]], batch_
     out: list[tuple[bool, float, float]] = [(False, 0.0, float("-inf"))] * len(enc)
     pad = _pad_id(tok)
     for group in _batches([len(e[0]) for e in enc], batch_tokens):
-        logits = _forward(model, [enc[i][0] for i in group], pad)
+        spans = [range(enc[i][1] - 1, enc[i][2] - 1) if enc[i][2] > enc[i][1] else range(0) for i in group]
+        logits = _forward(model, [enc[i][0] for i in group], pad, spans)
         top2 = logits.topk(2, dim=-1)
         for j, i in enumerate(group):
             ids, s, e = enc[i]
             if e <= s:
                 continue
-            pos = torch.arange(s - 1, e - 1, device=logits.device)
+            pos = torch.arange(0, e - s, device=logits.device)  # the answer positions, selected in _forward
             tgt = torch.tensor(ids[s:e], device=logits.device)
             val = logits[j, pos, tgt]
             first, second = top2.values[j, pos, 0], top2.values[j, pos, 1]
@@ -266,10 +305,10 @@ def greedy_answers(model: nn.Module, tok, prompts: Sequence[str], n_tokens: int,
             break
         cur = [rows[i] + new[i] for i in todo]
         for group in _batches([len(c) for c in cur], batch_tokens):
-            logits = _forward(model, [cur[g] for g in group], pad)
+            logits = _forward(model, [cur[g] for g in group], pad, [[len(cur[g]) - 1] for g in group])
             for j, g in enumerate(group):
                 i = todo[g]
-                t = int(logits[j, len(cur[g]) - 1].argmax())
+                t = int(logits[j, 0].argmax())
                 if eos is not None and t == eos:
                     done[i] = True
                 else:
@@ -316,6 +355,48 @@ def edit_probes(events: Iterable[Event]) -> list[EditProbe]:
         for r in reqs:
             if isinstance(r, Mapping) and r.get("prompt") and r.get("target_new"):
                 out.append(EditProbe(ev.id, str(r["prompt"]), str(r["target_new"])))
+    return out
+
+
+#: Per-edit pulse: the first prompts / facts of the probe set. Its cost is one forward pass over
+#: their tokens (~250 tokens here; ~1–2 s on one CPU core for SmolLM2-135M, whose body costs
+#: ~0.2 GFLOP per token): 24 facts resolve a retention drop in steps of 0.042, so two lost facts
+#: cross the default 0.05 bound (one KNE edit measured a 0.31 drop; bench/results/drift.md).
+PULSE_PROMPTS = 8
+PULSE_FACTS = 24
+#: the pulse's figures, judged with the audit thresholds of the same name
+PULSE_THRESHOLDS = ("kl", "retention_drop")
+
+
+def pulse(model: nn.Module, tok, probes: ProbeSet, *, n_prompts: int = PULSE_PROMPTS, n_facts: int = PULSE_FACTS,
+          batch_tokens: int = BATCH_TOKENS) -> dict[str, Any]:
+    """A cheap function-level check run after every edit: KL to the base on the first
+    ``n_prompts`` neutral prompts and the retention drop on the first ``n_facts`` known facts.
+
+    Same definitions as the audit's ``kl`` and ``retention_drop`` on a fixed subset (so figures of
+    successive edits compare); a full ``kledger audit`` measures the whole probe set. The base's
+    retention of the subset is 1 by construction of the probe set (facts the base answers), so
+    the drop is ``1 − retention`` where the base retention is not recorded.
+    """
+    t0 = time.perf_counter()
+    k = min(n_prompts, len(probes.prompts))
+    sub = ProbeSet(texts=(), prompts=probes.prompts[:k], facts=probes.facts[:n_facts],
+                   kl_topk_idx=probes.kl_topk_idx[:k], kl_topk_logp=probes.kl_topk_logp[:k],
+                   kl_tail_logp=probes.kl_tail_logp[:k], base=probes.base, source=probes.source)
+    was_training = model.training
+    model.eval()
+    try:
+        out: dict[str, Any] = {"prompts": k, "facts": len(sub.facts)}
+        out["kl"] = _r(float(kl_to_base(model, tok, sub, batch_tokens).mean())) if k else None
+        if sub.facts:
+            holds = answers_hold(model, tok, sub.facts, batch_tokens)
+            ret = sum(h[0] for h in holds) / len(holds)
+            out["retention_drop"] = _r(max(1.0 - ret, 0.0))
+        else:
+            out["retention_drop"] = None
+    finally:
+        model.train(was_training)
+    out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
 
 

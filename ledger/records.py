@@ -88,7 +88,8 @@ class FactRequest:
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> "FactRequest":
-        """Build from an EasyEdit flat record (CounterFact), a zsRE record, or our own JSON."""
+        """Build from an EasyEdit flat record (CounterFact), a zsRE record, a ROME known-facts
+        record (``prompt`` + ``attribute``: the model's known answer, e.g. to forget), or our own JSON."""
         if "src" in rec and "alt" in rec:  # ROME/MEND zsRE format
             answers = rec.get("answers") or []
             return cls(
@@ -99,10 +100,13 @@ class FactRequest:
                 locality_answers=_as_tuple(rec.get("loc_ans")),
                 case_id=_opt_str(rec.get("case_id")),
             )
+        if "attribute" in rec and "prompt" in rec and "target_new" not in rec:  # ROME known_1000.json
+            return cls(prompt=rec["prompt"], target_new=rec["attribute"], subject=rec.get("subject"),
+                       case_id=_opt_str(rec.get("known_id", rec.get("case_id"))))
         if "target_new" not in rec or "prompt" not in rec:
             raise UsageError(
-                "expected a record with 'prompt' and 'target_new' (EasyEdit flat format) or 'src' and"
-                f" 'alt' (zsRE), found keys {sorted(rec)}"
+                "expected a record with 'prompt' and 'target_new' (EasyEdit flat format), 'src' and"
+                f" 'alt' (zsRE) or 'prompt' and 'attribute' (known facts), found keys {sorted(rec)}"
             )
         target_new = rec["target_new"]
         if isinstance(target_new, Mapping):  # ROME format {"str": ...}
@@ -211,6 +215,15 @@ class Event:
         """One line, like ``git log --oneline``."""
         if self.type in ("add",) and isinstance(self.request, Mapping):
             what = f"{self.request.get('prompt')!s} →{self.request.get('target_new')!s} [{self.method}]"
+        elif self.type in ("forget", "learn") and isinstance(self.request, list) and self.request:
+            first = self.request[0] if isinstance(self.request[0], Mapping) else {}
+            n = len(self.request)
+            what = (f"{n} fact{'s' if n != 1 else ''}: {first.get('prompt')!s} →{first.get('target_new')!s}"
+                    + (" …" if n > 1 else ""))
+            retain = self.ensemble.get("retain") if isinstance(self.ensemble, Mapping) else None
+            if isinstance(retain, Mapping) and retain.get("given"):
+                what += f" (retain {retain['given']})"
+            what += f" [{self.method}]" + (f" — {self.message}" if self.message else "")
         elif self.type == "revert":
             what = f"revert {self.target}"
         elif self.message:

@@ -403,3 +403,46 @@ def test_nightly_example_script(tmp_path, tiny_llama_dir):
     assert f"kledger revert {ids[1]}" in res.stderr
     latest = tmp_path / "reports" / "latest"
     assert (latest / "index.html").is_file() and json.loads((latest / "audit.json").read_text())["crossed"]
+
+
+# --- per-edit pulse ------------------------------------------------------------------------------
+def test_pulse_matches_audit_on_the_same_subset(tiny_llama_dir):
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    probes = build_probes(model, tok, {"texts": ["Alice plays piano ."], "prompts": ["The sky is", "Bob works as a"],
+                                       "facts": [("The sky is", " blue")]}, n_texts=1, text_tokens=8, fact_margin=0.0)
+    fig = A.pulse(model, tok, probes)
+    assert fig["kl"] == pytest.approx(0.0, abs=1e-6) and fig["prompts"] == 2
+    with torch.no_grad():
+        p = model.get_parameter(sites_for(model).mlp_out_param(1))
+        p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    fig = A.pulse(model, tok, probes)
+    full, _ = A.measure(model, tok, probes, parts={"prompts", "facts"})
+    assert fig["kl"] == pytest.approx(full["kl"], rel=1e-5) and fig["kl"] > 0
+    assert fig["retention_drop"] == pytest.approx(full["retention_drop"])
+
+
+def test_every_edit_gets_a_pulse_once_probes_are_recorded_and_a_bad_one_warns(tmp_path, tiny_llama_dir, toy, monkeypatch):
+    d = str(tmp_path)
+    _run(["--ledger", d, "init", "--model", str(tiny_llama_dir), "--dir", d, "--probes", "default"], code=0)
+    ledger = Ledger.open(tmp_path)
+    assert latest_probes_event(ledger) is not None
+    ws = Workspace(ledger, device="cpu")
+    good = ws.add(_requests(2), method="toy", overrides={"scale": 1e-4})
+    assert all(e.metrics["pulse"]["crossed"] == [] for e in good)
+    assert all(e.metrics["pulse"]["kl"] < 1e-3 for e in good)
+    # a recorded tight KL bound makes a large edit cross it: the pulse warns at that edit
+    A.record_thresholds(ledger, {"kl": 1e-6})
+    warned = []
+    monkeypatch.setattr(workflow.log, "warning", lambda msg, *a: warned.append(msg % a))
+    bad = Workspace(ledger, device="cpu").add(_requests(1, "z"), method="toy", overrides={"scale": 5.0, "layer": 1})[0]
+    assert "kl" in bad.metrics["pulse"]["crossed"] and bad.metrics["pulse"]["kl"] > 1e-6
+    assert len(warned) == 1 and "collapse warning after this edit: kl" in warned[0]
+    # the pulse is on HEAD + the edit: it equals a full measurement of the materialised HEAD's subset
+    model, tok, _ = Workspace(ledger, device="cpu").model_at("HEAD")
+    probes = load_probes(ledger, latest_probes_event(ledger))
+    assert A.pulse(model, tok, probes)["kl"] == pytest.approx(bad.metrics["pulse"]["kl"], rel=1e-4)
+
+
+def test_init_probes_rejects_a_missing_file(tmp_path, tiny_llama_dir):
+    res = _run(["init", "--model", str(tiny_llama_dir), "--dir", str(tmp_path), "--probes", "/nonexistent.json"], code=2)
+    assert "--probes: expected 'default' or a probe file" in res.output

@@ -35,3 +35,19 @@ def test_quickstart_on_smollm2(tmp_path):
     assert out.rindex("in the city of Paris") > out.index("in the city of Rome"), out[-4000:]
     assert "== quickstart ok" in out
     assert (tmp_path / "qs" / "edited-model" / "kledger.json").is_file()
+
+
+@pytest.mark.slow  # about 5 minutes on one core: KLEDGER_SLOW=1
+def test_forget_learn_on_smollm2(tmp_path):
+    """examples/forget_learn.sh: forget five capitals (≥ 4 gone, other facts kept), revert, learn, revert."""
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env.pop("KLEDGER_DIR", None)
+    env["KLEDGER_CACHE"] = str(Path.home() / ".cache" / "kledger")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "forget_learn.sh"), "smollm2-135m", str(tmp_path / "fl")],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "== forget/learn ok" in out
+    after_forget = out.index("== forgotten:")
+    assert out.index("Ireland's capital, Dublin", out.index("== revert:")) > after_forget, out[-4000:]
