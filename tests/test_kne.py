@@ -22,10 +22,11 @@ REQ = FactRequest("The Eiffel Tower is located in the city of", " Rome", subject
 MULTI = FactRequest("Danielle Darrieux mother tongue is", " German and Spanish", subject="Danielle Darrieux",
                     target_true=" French")
 
-#: a configuration that reliably edits a 2-layer random model
-STRONG = dict(fraction=0.1, lr=0.05, max_steps=150, stop_margin=0.1, exclude_layers=())
+#: a configuration that reliably edits a 2-layer random model (whose subject reaches the last
+#: position through one random attention layer: gradients through every position)
+STRONG = dict(fraction=0.1, lr=0.05, max_steps=150, stop_margin=0.1, exclude_layers=(), grad_positions="all")
 #: a bare configuration whose one update can be recomputed by hand: no prefixes, no KL rows
-BARE = dict(context_prefixes=(), locality_prompts=(), contrast_subjects=(), exclude_layers=())
+BARE = dict(context_prefixes=(), locality_prompts=(), contrast_subjects=(), exclude_layers=(), grad_positions="all")
 
 
 @pytest.fixture(scope="module")
@@ -350,3 +351,69 @@ def test_real_smollm2_eiffel_rome():
     with applied(model, [res.delta]):
         assert greedy(model, tok, REQ.prompt, 3).startswith(" Rome")
     assert greedy(model, tok, REQ.prompt, 1).startswith(" Paris")
+
+
+def test_subject_positions_reference(models):
+    """grad_positions='subject': scores are |∂L/∂w · w| where ∂L/∂w sums only over the subject's
+    token positions (reference: every candidate linear layer computed with a detached copy of its
+    weight outside the subject tokens), and the edit still makes the target likelier."""
+    import torch.nn.functional as F
+
+    from kledger.editors.kne import subject_token_span
+
+    model, tok, _ = models["llama"]
+    k = 200
+    (res,) = run(model, tok, [REQ], count=k, lr=0.01, max_steps=1, stop_margin=1e9, **dict(BARE, grad_positions="subject"))
+    a, b = subject_token_span(tok, REQ.prompt, REQ.subject)
+    assert (a, b) == (0, 3)  # "The", " Eiffel", " Tower"
+    cands = candidate_params(model, None, ())
+    params = [p for _, p in cands.values()]
+    enc, spans = encode_pairs(tok, [REQ.prompt], [REQ.target_new], "cpu")
+    mask = torch.zeros(enc["input_ids"].shape + (1,), dtype=torch.bool)
+    mask[0, a:b] = True
+    handles = []
+
+    def hook(module, inputs, output):
+        x = inputs[0]
+        return torch.where(mask, F.linear(x, module.weight), F.linear(x, module.weight.detach()))
+
+    for name in cands:
+        handles.append(model.get_submodule(name.rsplit(".", 1)[0]).register_forward_hook(hook))
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        s, e = spans[0]
+        loss = -target_logprobs(model(**enc).logits, enc["input_ids"], spans)[0] / (e - s)
+        grads = torch.autograd.grad(loss, params)
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params:
+            p.requires_grad_(False)
+    scores = torch.cat([(g * p).abs().reshape(-1) for g, p in zip(grads, params)])
+    offsets = torch.tensor([0] + [p.numel() for p in params]).cumsum(0)
+    names = list(cands)
+    got = {int(offsets[names.index(n)]) + i for n, td in res.delta.tensors.items() for i in td.indices.tolist()}
+    assert got == set(torch.topk(scores, k).indices.tolist())
+    # the full-position ensemble is a different one
+    (full,) = run(model, tok, [REQ], count=k, lr=0.01, max_steps=1, stop_margin=1e9, **BARE)
+    got_full = {int(offsets[names.index(n)]) + i for n, td in full.delta.tensors.items() for i in td.indices.tolist()}
+    assert got_full != got
+    # and it edits: the target becomes likelier than before (only a little on this 2-layer random
+    # model, where the subject reaches the last position through one random attention layer)
+    (edit,) = run(model, tok, [REQ], **dict(STRONG, lr=0.01, grad_positions="subject"))
+    assert edit.metrics["grad_positions"] == "subject"
+    assert edit.metrics["logp_target_after"] > edit.metrics["logp_target_before"] + 0.02
+
+
+def test_subject_positions_fall_back_to_all_without_a_subject(models):
+    model, tok, _ = models["llama"]
+    assert KNEConfig().grad_positions == "subject"
+    no_subject = FactRequest(REQ.prompt, " Rome")
+    (a,) = run(model, tok, [no_subject], count=100, max_steps=1, stop_margin=1e9, **dict(BARE, grad_positions="subject"))
+    (b,) = run(model, tok, [no_subject], count=100, max_steps=1, stop_margin=1e9, **BARE)
+    assert a.metrics["grad_positions"] == "all"
+    assert {n: t.indices.tolist() for n, t in a.delta.tensors.items()} == \
+        {n: t.indices.tolist() for n, t in b.delta.tensors.items()}
+    with pytest.raises(UsageError, match="grad_positions"):
+        KNEConfig(grad_positions="nowhere")
