@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
+from kledger.editors.locate import subject_token_span
 from kledger.editors.scoring import encode_pairs
 from kledger.editors.sites import num_layers, sites_for
 from kledger.ledger.deltas import Delta, SparseDelta
@@ -324,24 +325,6 @@ def _build_batch(tok, req: FactRequest, cfg: KNEConfig, device) -> _Batch:
         subject_mask = sm.to(device)
     return _Batch({"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}, spans, n_nll, true_row,
                   contrast_rows, kl_rows, kl_lengths, subject_mask)
-
-
-def subject_token_span(tok, text: str, subject: str) -> tuple[int, int]:
-    """[first, last + 1) token indices of the first occurrence of ``subject`` in ``text``
-    (``text`` tokenised without special tokens)."""
-    pos = text.find(subject)
-    if pos < 0:
-        raise UsageError(f"expected subject {subject!r} in {text!r}, found none")
-    end = pos + len(subject)
-    try:
-        offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        hits = [i for i, (s, e) in enumerate(offsets) if s < end and e > pos]
-        if hits:
-            return hits[0], hits[-1] + 1
-    except (NotImplementedError, KeyError, TypeError, ValueError):
-        pass
-    first = len(tok(text[:pos], add_special_tokens=False)["input_ids"]) if pos else 0
-    return first, max(first + 1, len(tok(text[:end], add_special_tokens=False)["input_ids"]))
 
 
 @contextlib.contextmanager

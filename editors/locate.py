@@ -138,20 +138,27 @@ def check_requests(requests: Sequence[FactRequest], method: str) -> None:
 
 
 # --- tokens ------------------------------------------------------------------------------------
-def subject_last_index(tok, text: str, subject: str, start: int = 0) -> int:
-    """Index of the last token of the first occurrence of ``subject`` at or after char ``start``."""
+def subject_token_span(tok, text: str, subject: str, start: int = 0) -> tuple[int, int]:
+    """[first, last + 1) token indices of the first occurrence of ``subject`` at or after char
+    ``start`` of ``text`` (tokenised without special tokens)."""
     pos = text.find(subject, start)
     if pos < 0:
         raise UsageError(f"expected subject {subject!r} in {text!r}, found none")
     end = pos + len(subject)
     try:
         offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        hits = [i for i, (s, e) in enumerate(offsets) if s < end and e > s]
+        hits = [i for i, (s, e) in enumerate(offsets) if s < end and e > pos]
         if hits:
-            return hits[-1]
+            return hits[0], hits[-1] + 1
     except (NotImplementedError, KeyError, TypeError, ValueError):
         pass
-    return len(tok(text[:end], add_special_tokens=False)["input_ids"]) - 1
+    first = len(tok(text[:pos], add_special_tokens=False)["input_ids"]) if pos else 0
+    return first, max(first + 1, len(tok(text[:end], add_special_tokens=False)["input_ids"]))
+
+
+def subject_last_index(tok, text: str, subject: str, start: int = 0) -> int:
+    """Index of the last token of the first occurrence of ``subject`` at or after char ``start``."""
+    return subject_token_span(tok, text, subject, start)[1] - 1
 
 
 def _fill(template: str, prompt: str) -> tuple[str, int]:

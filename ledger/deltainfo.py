@@ -53,8 +53,9 @@ class _Tensor:
         return np.frombuffer(self.data, dtype=_DTYPES[self.dtype][1]).reshape(self.shape)
 
 
-def _tensors(data: bytes) -> tuple[dict[str, Any], dict[str, _Tensor]]:
-    """``(metadata, {name: tensor})`` of a safetensors blob, with IntegrityError if malformed."""
+def read_header(data: bytes) -> tuple[dict[str, Any], int]:
+    """``(header JSON object, its length n)`` of a safetensors blob (the tensor bytes start at
+    ``8 + n``), with IntegrityError if malformed. Shared with ``kledger.ledger.deltas``."""
     if len(data) < 8:
         raise IntegrityError(f"malformed delta object: {len(data)} bytes is shorter than a safetensors header")
     n = int.from_bytes(data[:8], "little")
@@ -66,6 +67,12 @@ def _tensors(data: bytes) -> tuple[dict[str, Any], dict[str, _Tensor]]:
         raise IntegrityError(f"malformed delta object header: {exc}") from None
     if not isinstance(header, dict):
         raise IntegrityError(f"malformed delta object header: expected a JSON object, found {type(header).__name__}")
+    return header, n
+
+
+def _tensors(data: bytes) -> tuple[dict[str, Any], dict[str, _Tensor]]:
+    """``(metadata, {name: tensor})`` of a safetensors blob, with IntegrityError if malformed."""
+    header, n = read_header(data)
     meta = header.pop("__metadata__", None) or {}
     body = memoryview(data)[8 + n :]
     out = {}

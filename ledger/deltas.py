@@ -201,16 +201,9 @@ def _canonical_header(data: bytes) -> bytes:
 
 
 def _read_metadata(data: bytes) -> dict:
-    if len(data) < 8:
-        raise IntegrityError(f"malformed delta object: {len(data)} bytes is shorter than a safetensors header")
-    n = int.from_bytes(data[:8], "little")
-    if n <= 0 or 8 + n > len(data):
-        raise IntegrityError(f"malformed delta object: header length {n} exceeds file size {len(data)}")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except ValueError as exc:
-        raise IntegrityError(f"malformed delta object header: {exc}") from None
-    return header.get("__metadata__") or {}
+    from kledger.ledger.deltainfo import read_header
+
+    return read_header(data)[0].get("__metadata__") or {}
 
 
 def _validate(name: str, td: TensorDelta) -> None:

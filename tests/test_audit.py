@@ -27,15 +27,6 @@ from kledger.ledger.records import FactRequest
 from kledger.ledger.store import Ledger
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # on this shared 2-core machine one intra-op thread is ~10x faster than two competing ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --- a test-only editor: a deterministic low-rank delta of a chosen relative size ------------
 @dataclass(frozen=True)
 class ToyConfig:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from kledger.cli.main import cli
@@ -15,14 +14,6 @@ PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "The Eiffel Tower"
 FAST = ["--set", "layers=[0,1]", "--set", "stats_tokens=256", "--set", "stats_seq_len=16",
         "--set", "n_prefixes=2", "--set", "prefix_tokens=3", "--set", "v_steps=8"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(args, ledger_dir=None):

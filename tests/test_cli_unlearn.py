@@ -33,14 +33,6 @@ LEARN = [{"prompt": "Alice works as a", "target_new": "lawyer"}, {"prompt": "Bob
 TINY = ["--set", "steps=20", "--set", "lr=0.003", "--set", "layers=[0,1]"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run(args, ledger_dir=None):
     full = (["--ledger", str(ledger_dir)] if ledger_dir else []) + ["--quiet"] + list(args)
     return CliRunner().invoke(cli, full, catch_exceptions=False)

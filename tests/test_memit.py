@@ -32,14 +32,6 @@ FAST = dict(layers=(0, 1), stats_tokens=512, stats_seq_len=16, n_prefixes=2, pre
             clamp_norm_factor=4.0, v_weight_decay=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _build(path: pathlib.Path, kind: str) -> pathlib.Path:
     """A 4-layer tiny model with a larger init (0.2) so that its outputs depend on the edit."""
     from conftest import make_tokenizer

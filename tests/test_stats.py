@@ -24,14 +24,6 @@ TEXT = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead (and contention)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def corpus(tmp_path):
     p = tmp_path / "corpus.txt"

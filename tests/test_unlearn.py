@@ -28,15 +28,6 @@ LEARN = [FR("Alice works as a", " lawyer"), FR("Bob plays the", " violin")]
 TINY = {"steps": 20, "lr": 3e-3, "layers": (0, 1)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # on a loaded 2-core machine two torch threads made these fits ~20x slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
