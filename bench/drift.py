@@ -359,14 +359,19 @@ def write(args) -> None:
     trows = [r for r in (_rows(Path(args.timing)) if args.timing else []) if r["phase"] == "timing"]
     lines = ["# Drift over sequential edits, audits and blame (smollm2-135m)", "",
              "Reproduce (every phase is described in the docstring of `bench/drift.py`):", "", "```",
-             "# run once per editor version (here /tmp/drift-kne and /tmp/drift-kne2: two versions of editors/kne.py)",
+             "# sequences (second session: per-edit pulse recorded; stopped by hand after the 25-edit audit)",
+             "python bench/drift.py sequence --workdir /tmp/drift-kne-subj --n 50 --every 25 --method kne",
+             "python bench/drift.py sequence --workdir /tmp/drift-kne-pulse --n 100 --every 25 --method kne"
+             " --set grad_positions=all",
+             "python bench/drift.py sequence --workdir /tmp/drift-memit --n 500 --every 25 --method memit --batch-size 25",
+             "# first session: two earlier versions of editors/kne.py, 30-minute limit, no pulse",
              "python bench/drift.py sequence --workdir /tmp/drift-kne --n 500 --every 25 --method kne --time-limit 1800",
              "python bench/drift.py blame --source synthetic --workdir /tmp/drift-blame-syn2 --good 200",
-             "python bench/drift.py timing --source /tmp/drift-kne --workdir /tmp/drift-timing --sizes 100,250,500",
+             "python bench/drift.py timing --source /tmp/drift-kne --workdir /tmp/drift-timing2 --sizes 500",
              f"python bench/drift.py write --runs {args.runs} --blame {args.blame} --timing {args.timing}"
              f" --notes {args.notes} --out {args.out} --plot {args.plot}", "```", "",
-             "Machine: 2 CPU cores shared with 3–8 other jobs of the same kind (load average 6–20), one torch "
-             "thread per process. Thresholds (defaults): "
+             "Machine: 2 CPU cores shared with other jobs of the same kind all the time (load average 3–7 in the "
+             "second session, 6–20 in the first), one torch thread per process. Thresholds (defaults): "
              f"{', '.join(f'{k} ≤ {v}' for k, v in TH.items() if v is not None)}.", ""]
     if args.notes and Path(args.notes).is_file():
         lines += [Path(args.notes).read_text().rstrip(), ""]

@@ -219,6 +219,9 @@ def main(argv=None):
     if args.table_from:
         recs = [json.loads(l) for f in args.table_from for l in Path(f).read_text().splitlines() if l.strip()]
         stats = max(recs, key=lambda r: 0 if r["stats"].get("hit") else 1)  # prefer a run that computed them
+        first = recs[0]["row"]
+        args.n, args.batch = first["n"], first["batch"]
+        args.dataset = "counterfact" if "ns" in first else "zsre"
         write_table(args, [r["row"] for r in recs], recs[0]["base"], stats["stats_s"], stats["stats"])
         return
     torch.set_num_threads(args.threads)
@@ -332,7 +335,9 @@ def write_table(args, rows, base_eval, stats_s, sdesc):
     lines = [f"\n### {args.tag or 'run'} — {now}", "",
              f"`{' '.join(sys.argv)}`", "",
              f"{args.model}, {args.dataset} records {args.offset}..{args.offset + args.n - 1}, batches of {args.batch},"
-             f" {args.threads} thread(s), load average {load:.1f}; statistics: {sdesc['tokens']} tokens"
+             f" {args.threads} thread(s), " + (f"load average {load:.1f}" if not args.table_from else
+                                               "rows of separate runs (load averages in the text)")
+             + f"; statistics: {sdesc['tokens']} tokens"
              f" ({sdesc['corpus']['kind']} corpus), {stats_s:.1f}s ({'cache hit' if sdesc['hit'] else 'computed'}).",
              ""]
     if args.dataset == "counterfact":
