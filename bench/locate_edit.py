@@ -31,6 +31,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from counterfact_eval import first_tokens  # noqa: E402
+
 from kledger.editors.alphaedit import AlphaEditEditor
 from kledger.editors.base import EditContext, make_config
 from kledger.editors.kne import KNEEditor
@@ -59,24 +62,6 @@ def parse_sets(items):
         k, _, v = it.partition("=")
         out[k.strip()] = v.strip()
     return out
-
-
-@torch.no_grad()
-def next_token_argmax(model, tok, prompts, bs=32):
-    dev = next(model.parameters()).device
-    out = []
-    for i in range(0, len(prompts), bs):
-        enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[i : i + bs]]
-        w = max(len(e) for e in enc)
-        ids = torch.full((len(enc), w), tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, e in enumerate(enc):
-            ids[j, : len(e)] = torch.tensor(e)
-            mask[j, : len(e)] = 1
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=0).logits
-        last = mask.sum(1) - 1
-        out.append(logits[torch.arange(len(enc)), last.to(dev)].argmax(-1).cpu())
-    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -141,7 +126,7 @@ def evaluate(model, tok, reqs, kind, base=None, n_fluency=20):
         ln = score_targets(model, tok, [x for x, _, _ in lp], [r.target_new for _, _, r in lp])
         lt = score_targets(model, tok, [x for x, _, _ in lp], [" " + a.strip() for _, a, _ in lp])
         res["ns"] = float((lt > ln).float().mean())
-        top1 = next_token_argmax(model, tok, [x for x, _, _ in lp])
+        top1 = torch.tensor(first_tokens(model, tok, [x for x, _, _ in lp], batch=32))
         res["_top1"] = top1
         if base is not None:
             res["top1"] = float((top1 == base["_top1"]).float().mean())
