@@ -98,9 +98,12 @@ class _AddCommand(click.Command):
               help="Text/JSONL corpus for key statistics (locate-then-edit); default: text sampled from the base model.")
 @click.option("--model", "model_spec", help="Base model; creates the ledger here if none exists.")
 @click.option("-m", "--message", help="A note recorded with each event.")
+@click.option("--guard", is_flag=True,
+              help="Refuse an edit whose per-edit pulse crosses an audit threshold: exit 3, nothing appended"
+                   " (needs a probe set: init --probes or a first audit).")
 @pass_app
 def add(app: App, prompt, target, subject, target_true, method, from_file, batch_file, limit, batch_size,
-        blue, sets, config_file, stats_corpus, model_spec, message) -> None:
+        blue, sets, config_file, stats_corpus, model_spec, message, guard) -> None:
     """Edit facts into the model: PROMPT continued by TARGET (or --from-file).
 
     Each fact becomes one `add` event with its delta; see `kledger log`.
@@ -125,7 +128,7 @@ def add(app: App, prompt, target, subject, target_true, method, from_file, batch
     from kledger.cli.workflow import Workspace  # torch and the editors: only when a model is needed
 
     ledger = _ledger_or_init(app, model_spec)
-    ws = Workspace(ledger, device=app.device, progress=app.show_progress, model_spec=model_spec)
+    ws = Workspace(ledger, device=app.device, progress=app.show_progress, model_spec=model_spec, guard=guard)
     bar = app.progress(total=len(requests), desc=f"{method} edits")
     out = []
 

@@ -61,6 +61,9 @@ def _subspace_options(mode: str):
             click.option("--config", "config_file", metavar="FILE", help="JSON file of config fields."),
             click.option("--model", "model_spec", help="Base model; creates the ledger here if none exists."),
             click.option("-m", "--message", help="A note recorded with the event."),
+            click.option("--guard", is_flag=True,
+                         help="Refuse the event if its per-edit pulse crosses an audit threshold (exit 3,"
+                              " nothing appended; needs a probe set)."),
         ]
         for opt in reversed(opts):
             f = opt(f)
@@ -82,7 +85,7 @@ def _facts(prompt, target, subject, from_file, limit, mode: str):
 
 
 def _run(app: App, mode: str, prompt, target, subject, from_file, limit, retain_file, no_discriminate, sets,
-         config_file, model_spec, message) -> None:
+         config_file, model_spec, message, guard=False) -> None:
     from kledger.cli.edit import _event_summary, _ledger_or_init, _parse_sets
     from kledger.editors.base import make_config
     from kledger.editors.registry import editor_class
@@ -108,7 +111,7 @@ def _run(app: App, mode: str, prompt, target, subject, from_file, limit, retain_
                    f" fitting (steps {cfg.steps}, {cfg.fit})…", err=True)
     from kledger.cli.workflow import Workspace
 
-    ws = Workspace(ledger, device=app.device, progress=app.show_progress, model_spec=model_spec)
+    ws = Workspace(ledger, device=app.device, progress=app.show_progress, model_spec=model_spec, guard=guard)
     app.progress_note(f"loading the working model at {ledger.head().id}")
     ev = getattr(ws, mode)(requests, retain=retain, overrides=overrides, message=message)
     summary = _event_summary(ev) | {"ensemble": ev.ensemble, "config": ev.config}
@@ -134,7 +137,7 @@ def _describe_ranks(ev) -> str:
 @_subspace_options("forget")
 @pass_app
 def forget(app: App, prompt, target, subject, from_file, limit, retain_file, no_discriminate, sets, config_file,
-           model_spec, message) -> None:
+           model_spec, message, guard) -> None:
     """UNLEARN facts: PROMPT whose answer TARGET is to be forgotten (or --from-file).
 
     Fits the weight-update subspace that carries the facts, removes from it what the retain
@@ -142,18 +145,18 @@ def forget(app: App, prompt, target, subject, from_file, limit, retain_file, no_
     event; `kledger revert ID` restores the model exactly. Method: arXiv 2408.04140.
     """
     _run(app, "forget", prompt, target, subject, from_file, limit, retain_file, no_discriminate, sets, config_file,
-         model_spec, message)
+         model_spec, message, guard)
 
 
 @cli.command()
 @_subspace_options("learn")
 @pass_app
 def learn(app: App, prompt, target, subject, from_file, limit, retain_file, no_discriminate, sets, config_file,
-          model_spec, message) -> None:
+          model_spec, message, guard) -> None:
     """LEARN facts: PROMPT continued by TARGET (or --from-file), added in a low-rank subspace.
 
     The dual of `forget`: the fitted subspace (orthogonal to --retain-file's, if given) is
     added. The whole set is ONE `learn` event; `kledger revert ID` removes it exactly.
     """
     _run(app, "learn", prompt, target, subject, from_file, limit, retain_file, no_discriminate, sets, config_file,
-         model_spec, message)
+         model_spec, message, guard)

@@ -63,6 +63,7 @@ class Workspace:
     _at: str | None = field(default=None, repr=False)  # event id the working model reflects
     _drift: DriftTracker | None = field(default=None, repr=False)  # per-edit weight drift (cached bases)
     pulse: bool = True  # per-edit function-level check (once per batch) when the ledger has a probe set
+    guard: bool = False  # refuse (exit 3, nothing appended) an edit whose pulse crosses an audit threshold
     _probes: Any = field(default=None, repr=False)
     _thresholds: dict = field(default_factory=dict, repr=False)
 
@@ -151,6 +152,12 @@ class Workspace:
         cls = editor_class(method)
         editor = cls(make_config(cls.config_cls, overrides))
         event_type = getattr(cls, "event_type", "add")
+        if self.guard:
+            from kledger.ledger.probes import latest_probes_event
+
+            if not self.pulse or latest_probes_event(self.ledger) is None:
+                raise UsageError("--guard: expected a probe set in the ledger (`kledger init --probes default`"
+                                 " or `kledger audit --probes-only`), found none")
         model, tok = self.working()
         base_info = self.ledger.base_model()
         events: list[Event] = []
@@ -165,32 +172,51 @@ class Workspace:
             results = editor.compute(model, tok, list(batch), ctx, **compute_kwargs)
             elapsed = time.perf_counter() - t0
             config = config_to_json(editor.config)
-            for res in results:
-                metrics = dict(res.metrics)
-                metrics.setdefault("time_s", round(elapsed / max(len(results), 1), 4))
-                metrics["drift"], drift_s = measure_edit(self._drift_tracker(), model, res.delta)
-                metrics["drift_s"] = round(drift_s, 4)
-                req_json: Any = [r.to_json() for r in res.requests]
-                if len(res.requests) == 1 and not list_requests:
-                    req_json = req_json[0]
-                # the delta goes into the working model first, so the pulse sees HEAD + this edit
-                apply_deltas(model, [res.delta])
-                try:
-                    if res is results[-1]:  # once per editor call: after the batch's last delta
-                        self._pulse(model, tok, metrics)
+            prepared = []
+            try:
+                for res in results:
+                    metrics = dict(res.metrics)
+                    metrics.setdefault("time_s", round(elapsed / max(len(results), 1), 4))
+                    metrics["drift"], drift_s = measure_edit(self._drift_tracker(), model, res.delta)
+                    metrics["drift_s"] = round(drift_s, 4)
+                    # the delta goes into the working model first, so the pulse sees HEAD + the batch
+                    apply_deltas(model, [res.delta])
+                    self._at = None  # the working model holds unrecorded deltas until appended
+                    prepared.append((res, metrics))
+                if prepared:  # once per editor call, on HEAD + every delta of the batch
+                    self._pulse(model, tok, prepared[-1][1])
+                    self._guard(prepared[-1][1])
+                for res, metrics in prepared:
+                    req_json: Any = [r.to_json() for r in res.requests]
+                    if len(res.requests) == 1 and not list_requests:
+                        req_json = req_json[0]
                     ev = self.ledger.append(
                         event_type, request=req_json, method=method, config=config, ensemble=dict(res.ensemble),
                         metrics=metrics, delta=res.delta, expect_head=head.id, message=message,
                     )
-                except BaseException:
-                    self._at = None  # the working model holds an unrecorded delta: re-materialise
-                    raise
-                self._at = ev.id
-                head = ev
-                events.append(ev)
-                if on_event:
-                    on_event(ev)
+                    head = ev
+                    events.append(ev)
+                    if on_event:
+                        on_event(ev)
+            except BaseException:
+                self._at = None  # the working model may hold unrecorded deltas: re-materialise
+                raise
+            self._at = head.id
         return events
+
+    def _guard(self, metrics: Mapping[str, Any]) -> None:
+        """With ``guard`` on, refuse (exit 3, nothing appended) a batch whose pulse crossed a threshold."""
+        crossed = (metrics.get("pulse") or {}).get("crossed")
+        if not (self.guard and crossed):
+            return
+        from kledger.ledger.errors import AuditThresholdError
+
+        pl = metrics["pulse"]
+        text = ", ".join(f"{k} {pl[k]}" for k in crossed)
+        raise AuditThresholdError(
+            f"expected the edit to keep the per-edit pulse within the audit thresholds, found {text}"
+            f" ({pl['prompts']} prompts / {pl['facts']} facts); nothing was appended (--no-guard appends it anyway)"
+        )
 
     def _pulse(self, model, tok, metrics: dict[str, Any]) -> None:
         """Per-edit function-level check (``kledger.ledger.audit.pulse``), run after the last delta

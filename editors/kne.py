@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 ATTRIBUTIONS = ("grad_x_weight", "integrated_gradients")
 THRESHOLDS = ("per_layer", "global")
 GRAD_POSITIONS = ("all", "subject")
+OPTIMIZERS = ("adam", "normalized_gd")
 
 
 @dataclass(frozen=True)
@@ -127,12 +128,27 @@ class KNEConfig:
     #: neighbourhood score 0.25 vs 0.15, fluency 4.01 vs 3.84, at efficacy 0.95 vs 1.00 and
     #: paraphrase 0.90 vs 0.85; each forward costs one more matmul per candidate layer.
     grad_positions: str = "subject"
+    #: "adam" (the paper; ``lr`` per entry and step: Adam's first step moves every ensemble entry
+    #: by ``lr`` whatever its gradient, so entries that barely matter move as much as the ones
+    #: that do) or "normalized_gd" (each step moves δ by ``step_norm`` in L2 along −∇: entries move
+    #: in proportion to their gradient, the least-norm direction for a given loss decrease).
+    optimizer: str = "adam"
+    #: L2 length of one "normalized_gd" step (ignored by "adam").
+    step_norm: float = 0.05
+    #: norm budget: after every step δ is projected onto the L2 ball of this radius (None = none).
+    max_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.attribution not in ATTRIBUTIONS:
             raise UsageError(f"attribution: expected one of {ATTRIBUTIONS}, found {self.attribution!r}")
         if self.grad_positions not in GRAD_POSITIONS:
             raise UsageError(f"grad_positions: expected one of {GRAD_POSITIONS}, found {self.grad_positions!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"optimizer: expected one of {OPTIMIZERS}, found {self.optimizer!r}")
+        if self.step_norm <= 0:
+            raise UsageError(f"step_norm: expected a positive number, found {self.step_norm!r}")
+        if self.max_norm is not None and self.max_norm <= 0:
+            raise UsageError(f"max_norm: expected a positive number or None, found {self.max_norm!r}")
         if self.threshold not in THRESHOLDS:
             raise UsageError(f"threshold: expected one of {THRESHOLDS}, found {self.threshold!r}")
         if not (0.0 < self.fraction <= 1.0):
@@ -405,6 +421,29 @@ def _kl_term(logp: torch.Tensor, ref: list[torch.Tensor], batch: _Batch) -> torc
     return torch.stack(terms).mean()
 
 
+class _Optimizer:
+    """One update of δ from ``δ.grad``: Adam, or a normalised gradient step; then the norm budget."""
+
+    def __init__(self, delta: torch.Tensor, cfg: KNEConfig) -> None:
+        self.delta, self.cfg = delta, cfg
+        self.adam = torch.optim.Adam([delta], lr=cfg.lr) if cfg.optimizer == "adam" else None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        d, cfg = self.delta, self.cfg
+        if self.adam is not None:
+            self.adam.step()
+        else:
+            g = d.grad
+            norm = float(g.norm())
+            if norm > 0 and math.isfinite(norm):
+                d.add_(g, alpha=-cfg.step_norm / norm)
+        if cfg.max_norm is not None:
+            norm = float(d.norm())
+            if norm > cfg.max_norm:
+                d.mul_(cfg.max_norm / norm)
+
+
 # --------------------------------------------------------------------------------------------
 # the editor
 
@@ -491,7 +530,7 @@ class KNEEditor(Editor):
             offsets[k] = (o, o + idx[k].numel())
             o += idx[k].numel()
         delta = torch.zeros(n, device=device, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=cfg.lr)
+        opt = _Optimizer(delta, cfg)
         g0 = dict(zip(names, grads0))
         first_grad = torch.cat([g0[k].reshape(-1)[idx[k]] for k in touched]) * scale
         del grads0, g0

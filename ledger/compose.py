@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -61,115 +63,212 @@ def apply_deltas(model: nn.Module, deltas: Iterable[Delta], signs: Iterable[floa
     return sorted(new)
 
 
+#: active events summed per step; snapshots are taken only at multiples of it (see ``materialise``)
+CHUNK = 2048
+#: the most snapshot files kept per ledger (newest first); older ones are deleted (a cache)
+KEEP_SNAPSHOTS = 2
+
+
 def materialise(ledger: Ledger, model: nn.Module, ref: str | Event = "HEAD",
-                progress: Callable[[int], None] | None = None, *, chunk: int = 4096,
-                workers: int | None = None, snapshots: bool = True) -> Materialised:
+                progress: Callable[[int], None] | None = None, *, chunk: int = CHUNK,
+                workers: int | None = None, snapshots: bool = True, auto_snapshot: bool = True) -> Materialised:
     """Turn a freshly loaded base model into the model at ``ref``. The model must be the base.
 
-    Delta objects are read and decoded in a thread pool (``Ledger.load_deltas``) and summed per
-    tensor in fp32, ``chunk`` events at a time, so memory stays bounded by one chunk of deltas
-    plus the fp32 sums of the touched tensors; with at most ``chunk`` active edits this is one
-    ``accumulate`` call over the whole active set, exactly as before. The sums are written into
-    the parameters in place, cast once.
+    The active deltas are summed per tensor in fp32 in a fixed order: ``chunk`` events at a
+    time, ``W₀ → W₀ + Σ chunk 1 → (…) + Σ chunk 2 …``, each chunk with one ``accumulate`` (one
+    ``index_add_`` and one matmul per tensor); memory stays bounded by one chunk of deltas plus
+    the fp32 sums of the touched tensors. The sums are cast once into the parameters.
 
-    Snapshots (optional, made only by ``snapshot``): when a snapshot's active list is a prefix
-    of this version's, its dense fp32 Σ replaces reading those deltas, so the time grows with
-    the edits since the snapshot. The result then equals the plain sum up to fp32 summation
-    order (not bit for bit); ``snapshots=False`` ignores them.
+    Snapshots (a rebuildable cache under ``cache/snapshots``): the fp32 sums after the first
+    ``k·chunk`` active events, keyed by their ids. A version whose active list starts with those
+    events starts from the snapshot and reads only the later deltas, so materialising a long
+    history costs about the edits since the last snapshot. Because a snapshot holds exactly the
+    intermediate sums of the fixed order above, the result is **bit for bit the same** with or
+    without it. With ``auto_snapshot`` a snapshot of the last whole chunk is written whenever
+    this call summed at least one whole chunk past the snapshot it started from (the newest
+    ``KEEP_SNAPSHOTS`` files are kept). ``snapshots=False`` neither reads nor writes them.
     """
     t0 = time.perf_counter()
+    chunk = max(1, int(chunk))
     version = ref if isinstance(ref, Event) else ledger.resolve(ref)
     active = ledger.active(version)
+    ids = [e.id for e in active]
     params = dict(model.named_parameters())
     sums: dict[str, torch.Tensor] = {}
     start = 0
-    snap = find_snapshot(ledger, [e.id for e in active]) if snapshots else None
-    if snap is not None:  # base + Σ(prefix) from the snapshot, then the rest as usual
+    snap = find_snapshot(ledger, ids, chunk) if snapshots else None
+    if snap is not None:
         start, dense = snap
         for name, t in dense.items():
-            sums[name] = params[name].detach().to(torch.float32) + t.to(params[name].device)
+            if name not in params or tuple(t.shape) != tuple(params[name].shape):
+                raise StateError(f"snapshot tensor {name}: expected a parameter of shape {tuple(t.shape)} in the"
+                                 " model, found none or another shape (is this the ledger's base model?)")
+            sums[name] = t.to(device=params[name].device, dtype=torch.float32)
         if progress:
             progress(start)
-    for i in range(start, len(active), max(1, chunk)):
-        part = active[i : i + max(1, chunk)]
+    last_whole = (len(active) // chunk) * chunk
+    for i in range(start, len(active), chunk):
+        part = active[i : i + chunk]
         deltas = ledger.load_deltas(part, workers)
-        sums.update(accumulate({**params, **sums}, deltas))
+        sums.update(accumulate({**params, **sums}, deltas, owned=sums.keys()))
         del deltas
         if progress:
             progress(len(part))
+        if snapshots and auto_snapshot and i + chunk == last_whole and last_whole > start:
+            try:
+                save_snapshot(ledger, ids[:last_whole], sums, chunk, version.id)
+            except OSError as exc:  # a cache: failing to write one never fails materialise
+                log.warning("could not write a snapshot: %s", exc)
+    # tensors whose storage another parameter shares (tied weights) are written in place;
+    # the others take our fp32 buffer as their data: no copy, and no copy-on-write page faults
+    # on a memory-mapped checkpoint (1.9 s for 318 MB of touched weights at 10k events)
+    storages: dict[int, int] = {}
+    for _, prm in model.named_parameters(remove_duplicate=False):
+        key = prm.untyped_storage().data_ptr()
+        storages[key] = storages.get(key, 0) + 1
     with torch.no_grad():
         for name, value in sums.items():
-            params[name].copy_(value.to(params[name].dtype))
+            prm = params[name]
+            shared = storages.get(prm.untyped_storage().data_ptr(), 0) > 1
+            if not shared and value.dtype == prm.dtype and value.device == prm.device and value.is_contiguous():
+                prm.data = value
+            else:
+                prm.copy_(value.to(prm.dtype))
     return Materialised(version, tuple(active), tuple(sorted(sums)), time.perf_counter() - t0)
 
 
-# --- optional dense snapshots (derived data under cache/snapshots, rebuildable) ----------
+# --- snapshots (derived data under cache/snapshots, rebuildable) ---------------------------
 def _ids_key(ids: Iterable[str]) -> str:
     import hashlib
 
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
-def snapshot(ledger: Ledger, ref: str | Event = "HEAD", workers: int | None = None) -> Path:
-    """Store Σ of the active deltas at ``ref`` (dense fp32 per touched tensor) as a snapshot that
-    ``materialise`` uses for every later version whose active list starts with the same events."""
-    from safetensors.torch import save_file
+def save_snapshot(ledger: Ledger, ids: list[str], sums: dict[str, torch.Tensor], chunk: int, version: str) -> Path:
+    """Write the fp32 sums after the active events ``ids`` (a multiple of ``chunk``) atomically,
+    with a content hash beside it; keep the newest ``KEEP_SNAPSHOTS``."""
+    import hashlib
 
-    version = ref if isinstance(ref, Event) else ledger.resolve(ref)
-    ids = [e.id for e in ledger.active(version)]
-    events = ledger.events_by_ids(ids)
-    dense: dict[str, torch.Tensor] = {}
-    for i in range(0, len(events), 4096):
-        deltas = ledger.load_deltas(events[i : i + 4096], workers)
-        zeros = {}
-        for d in deltas:
-            for name, td in d.tensors.items():
-                if name not in dense and name not in zeros:
-                    zeros[name] = torch.zeros(td.shape, dtype=torch.float32)
-        dense.update(accumulate({**zeros, **dense}, deltas))
+    from safetensors.torch import save
+
+    if not ids or len(ids) % chunk:
+        raise UsageError(f"expected a snapshot after a whole number of chunks of {chunk} events, found {len(ids)}")
     root = ledger.cache_dir / "snapshots"
     root.mkdir(parents=True, exist_ok=True)
     key = _ids_key(ids)
     path = root / f"{len(ids):08d}-{key[:16]}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in dense.items()}, str(tmp),
-              metadata={"n": str(len(ids)), "ids_sha256": key, "version": version.id})
-    import hashlib
-
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    path.with_suffix(".sha256").write_text(digest + "\n")
+    if path.exists():
+        return path
+    data = save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sums.items()},
+                metadata={"n": str(len(ids)), "ids_sha256": key, "chunk": str(chunk), "version": version})
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    path.with_suffix(".sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
     os.replace(tmp, path)
+    files = sorted(root.glob("*.safetensors"), key=lambda q: q.stat().st_mtime, reverse=True)
+    for old in files[KEEP_SNAPSHOTS:]:
+        for q in (old, old.with_suffix(".sha256")):
+            q.unlink(missing_ok=True)
+    log.info("snapshot of %d active events written (%s, %.0f MB)", len(ids), path.name, len(data) / 2**20)
     return path
 
 
-def find_snapshot(ledger: Ledger, ids: list[str]) -> tuple[int, dict[str, torch.Tensor]] | None:
-    """The longest snapshot whose active list is a prefix of ``ids``: (its length, Σ tensors)."""
+def snapshot(ledger: Ledger, model: nn.Module, ref: str | Event = "HEAD", *, chunk: int = CHUNK,
+             workers: int | None = None) -> Path:
+    """Make the snapshot ``materialise`` would use for ``ref``: the fp32 sums after the last whole
+    chunk of its active events. ``model`` must be the freshly loaded base model (the sums start
+    from its weights; it holds the version ``ref`` afterwards)."""
+    version = ref if isinstance(ref, Event) else ledger.resolve(ref)
+    n = len(ledger.active(version))
+    if n < chunk:
+        raise UsageError(f"expected at least {chunk} active events for a snapshot, found {n}")
+    m = materialise(ledger, model, version, chunk=chunk, workers=workers)
+    ids = [e.id for e in m.active][: (n // chunk) * chunk]
+    path = ledger.cache_dir / "snapshots" / f"{len(ids):08d}-{_ids_key(ids)[:16]}.safetensors"
+    if not path.exists():  # materialise started from this very snapshot, or could not write it
+        raise StateError(f"expected a snapshot at {path}, found none (see the log)")
+    return path
+
+
+def _read_checked(path: Path, sha256: str, block: int = 16 << 20) -> mmap.mmap:
+    """The file's bytes in fresh anonymous memory (writable: later deltas are added in place),
+    hashed while read; ValueError if the content hash differs. Anonymous memory, not a mapping
+    of the file: writes into a file mapping fault page by page (copy-on-write), which cost more
+    than reading the file (measured: 1.7 s vs 0.4 s for a 304 MB snapshot)."""
+    import hashlib
+
+    size = path.stat().st_size
+    buf = mmap.mmap(-1, max(size, 1))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    h = hashlib.sha256()
+    view = memoryview(buf)
+    try:
+        with open(path, "rb") as fh:
+            pos = 0
+            while pos < size:
+                got = fh.readinto(view[pos : min(size, pos + block)])
+                if not got:
+                    raise ValueError(f"short read: {pos} of {size} bytes")
+                h.update(view[pos : pos + got])
+                pos += got
+    finally:
+        view.release()
+    if h.hexdigest() != sha256:
+        raise ValueError("content hash mismatch")
+    return buf
+
+
+def _fp32_tensors(data) -> dict[str, torch.Tensor]:
+    """The F32 tensors of a safetensors blob as views of ``data`` (no copy: a snapshot is hundreds
+    of MB; ``safetensors.torch.load`` would copy it once more)."""
+    from kledger.ledger.deltainfo import read_header
+
+    header, n = read_header(data)
+    header.pop("__metadata__", None)
+    out = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        shape = [int(x) for x in info["shape"]]
+        if info["dtype"] != "F32" or end - begin != 4 * math.prod(shape):
+            raise ValueError(f"{name}: expected F32 data of shape {shape}, found {info['dtype']} ({end - begin} bytes)")
+        out[name] = torch.frombuffer(data, dtype=torch.float32, offset=8 + n + begin,
+                                     count=math.prod(shape)).view(shape)
+    return out
+
+
+def find_snapshot(ledger: Ledger, ids: list[str], chunk: int = CHUNK) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """The longest snapshot (made with this ``chunk``) whose events are a prefix of ``ids``:
+    (its length, fp32 sums). A file whose content hash does not match is never used."""
     root = ledger.cache_dir / "snapshots"
     if not root.is_dir():
         return None
-    import hashlib
-
     from safetensors import safe_open
-    from safetensors.torch import load as st_load
 
     for path in sorted(root.glob("*.safetensors"), reverse=True):
         try:
             n = int(path.name.split("-")[0])
         except ValueError:
             continue
-        if n == 0 or n > len(ids):
+        if n == 0 or n > len(ids) or n % chunk:
             continue
         try:
             with safe_open(str(path), "pt") as fh:
-                key = (fh.metadata() or {}).get("ids_sha256")
-            if key != _ids_key(ids[:n]):
+                meta = fh.metadata() or {}
+            if meta.get("chunk") != str(chunk) or meta.get("ids_sha256") != _ids_key(ids[:n]):
                 continue
-            data = path.read_bytes()  # a cache, but still checked: a damaged file is never used
-            if hashlib.sha256(data).hexdigest() != path.with_suffix(".sha256").read_text().strip():
-                raise ValueError("content hash mismatch")
-            return n, st_load(data)
-        except Exception as exc:  # a damaged cache file is skipped, never trusted
-            log.warning("ignoring snapshot %s: %s", path, exc)
+            data = _read_checked(path, path.with_suffix(".sha256").read_text().strip())
+            return n, _fp32_tensors(data)
+        except Exception as exc:  # a damaged cache file is never trusted: removed, rebuilt later
+            log.warning("ignoring and removing snapshot %s: %s", path, exc)
+            for q in (path, path.with_suffix(".sha256")):
+                try:
+                    q.unlink(missing_ok=True)
+                except OSError:
+                    pass
     return None
 
 

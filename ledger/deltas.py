@@ -19,7 +19,7 @@ import json
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Container, Iterable, Mapping
 
 import torch
 from safetensors.torch import load as st_load
@@ -246,13 +246,16 @@ def _validate(name: str, td: TensorDelta) -> None:
 
 
 def accumulate(
-    params: Mapping[str, torch.Tensor], deltas: Iterable[Delta], signs: Iterable[float] | None = None
+    params: Mapping[str, torch.Tensor], deltas: Iterable[Delta], signs: Iterable[float] | None = None,
+    owned: Container[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Sum many deltas per tensor in fp32: returns {name: base_fp32 + Σ sign·Δ}.
 
     Grouped per tensor: every low-rank factor of one tensor is concatenated and applied with one
     matmul, every sparse entry with one ``index_add_``, so the cost grows with the total delta
     size, not with a Python step per event. Only tensors that some delta touches are returned.
+    ``owned``: names whose tensor in ``params`` is the caller's own fp32 scratch, added to in
+    place instead of copied (same result, bit for bit; saves one copy of each such tensor).
     """
     deltas = list(deltas)
     signs = [1.0] * len(deltas) if signs is None else list(signs)
@@ -279,7 +282,10 @@ def accumulate(
             raise UsageError(f"delta names parameter {name!r}, which the model does not have")
         base = params[name]
         dev = base.device
-        acc = base.detach().to(torch.float32).clone()
+        if name in owned and base.dtype == torch.float32:
+            acc = base.detach()
+        else:
+            acc = base.detach().to(torch.float32).clone()
         shape = tuple(acc.shape)
         flat = acc.view(-1)
         if g["sparse_i"]:

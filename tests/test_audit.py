@@ -437,3 +437,33 @@ def test_every_edit_gets_a_pulse_once_probes_are_recorded_and_a_bad_one_warns(tm
 def test_init_probes_rejects_a_missing_file(tmp_path, tiny_llama_dir):
     res = _run(["init", "--model", str(tiny_llama_dir), "--dir", str(tmp_path), "--probes", "/nonexistent.json"], code=2)
     assert "--probes: expected 'default' or a probe file" in res.output
+
+
+def test_guard_refuses_a_crossing_edit_and_appends_nothing(tmp_path, tiny_llama_dir, toy):
+    from kledger.ledger.errors import AuditThresholdError
+
+    d = str(tmp_path)
+    _run(["--ledger", d, "init", "--model", str(tiny_llama_dir), "--dir", d, "--probes", "default"], code=0)
+    ledger = Ledger.open(tmp_path)
+    A.record_thresholds(ledger, {"kl": 1e-6})
+    n = ledger.count()
+    ws = Workspace(ledger, device="cpu", guard=True)
+    with pytest.raises(AuditThresholdError) as err:  # a batch of two: neither is appended
+        ws.add(_requests(2, "z"), method="toy", overrides={"scale": 5.0, "layer": 1}, batch_size=2)
+    assert err.value.exit_code == 3 and "nothing was appended" in str(err.value) and "kl" in str(err.value)
+    assert ledger.count() == n
+    # the refused deltas left the working model: a harmless edit's pulse is HEAD's again
+    ok = ws.add(_requests(1), method="toy", overrides={"scale": 1e-9})[0]
+    assert ok.metrics["pulse"]["crossed"] == [] and ledger.count() == n + 1
+    # without the guard the same edit is appended (and warned about)
+    bad = Workspace(ledger, device="cpu").add(_requests(1, "z"), method="toy", overrides={"scale": 5.0, "layer": 1})[0]
+    assert "kl" in bad.metrics["pulse"]["crossed"] and ledger.count() == n + 2
+
+
+def test_guard_needs_a_probe_set(tmp_path, tiny_llama_dir):
+    d = str(tmp_path)
+    _run(["--ledger", d, "init", "--model", str(tiny_llama_dir), "--dir", d], code=0)
+    res = _run(["--ledger", d, "add", "The Eiffel Tower is located in", " Rome", "--subject", "The Eiffel Tower",
+                "--guard"], code=2)
+    assert "--guard: expected a probe set" in res.output
+    assert Ledger.open(tmp_path).count() == 1

@@ -294,35 +294,55 @@ def test_dry_run_writes_nothing_and_json(tmp_path):
     assert "opposite-sign" in text and "interference" in text
 
 
-def test_snapshot_prefix_is_used_and_checked(tmp_path):
-    from kledger.ledger.compose import find_snapshot, snapshot
+def test_snapshot_prefix_is_used_bit_exact_and_checked(tmp_path):
+    from kledger.ledger.compose import find_snapshot
+
+    def mat(L, chunk=2, **kw):
+        m = Params()
+        with L.session():
+            materialise(L, m, "HEAD", chunk=chunk, **kw)
+        return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
     L = new_ledger(tmp_path)
     evs = [add(L, s, "Paris", d) for s, d in (("Alice", lowrank("a", 1)), ("Bob", sparse("a", [1, 2], [1.0, 2.0])),
                                                ("Carol", lowrank("b", 2)))]
-    snap_at = L.head()
-    snapshot(L, snap_at)
+    snaps = L.cache_dir / "snapshots"
+    assert not snaps.exists() or not list(snaps.glob("*.safetensors"))
+    mat(L, snapshots=False)  # neither reads nor writes snapshots
+    assert not snaps.exists() or not list(snaps.glob("*.safetensors"))
+    mat(L)  # 3 active events, chunk 2: the sums after the first 2 are kept
+    assert [p.name[:8] for p in snaps.glob("*.safetensors")] == ["00000002"]
     late = add(L, "Dan", "Rome", lowrank("a", 3))
     add(L, "Eve", "Oslo", sparse("b", [0], [0.5]))
     L.revert(late.id)  # after the snapshot: the snapshot still applies
     with L.session():
         ids = [e.id for e in L.active()]
-    assert find_snapshot(L, ids)[0] == 3
-    exact = weights(L)  # uses the snapshot
-    m = Params()
-    materialise(L, m, "HEAD", snapshots=False)
-    for k, v in m.state_dict().items():
-        torch.testing.assert_close(exact[k], v, atol=1e-6, rtol=0)  # summation order differs only
+    assert find_snapshot(L, ids, 2)[0] == 2
+    assert find_snapshot(L, ids, 4) is None  # made with another chunk: never mixed
+    with_snap = mat(L)
+    assert equal(with_snap, mat(L, snapshots=False))  # bit for bit, not just close
     L.revert(evs[0].id)  # inside the snapshot: no longer a prefix, so it is not used
     with L.session():
-        assert find_snapshot(L, [e.id for e in L.active()]) is None
-    # a damaged snapshot file is never used
+        assert find_snapshot(L, [e.id for e in L.active()], 2) is None
+    # at most KEEP_SNAPSHOTS files stay
+    for i in range(6):
+        add(L, f"S{i}", "X", lowrank("a", 10 + i))
+        mat(L)
+    from kledger.ledger.compose import KEEP_SNAPSHOTS
+
+    assert 1 <= len(list(snaps.glob("*.safetensors"))) <= KEEP_SNAPSHOTS
+    # a damaged snapshot file is never used, and the result is still right
     L2 = new_ledger(tmp_path / "two")
     add(L2, "Alice", "Paris", lowrank("a", 1))
-    path = snapshot(L2)
+    add(L2, "Bob", "Paris", lowrank("b", 2))
+    exact = mat(L2, snapshots=False)
+    mat(L2)
+    (path,) = (L2.cache_dir / "snapshots").glob("*.safetensors")
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.chmod(0o644)
     path.write_bytes(bytes(data))
     with L2.session():
-        assert find_snapshot(L2, [e.id for e in L2.active()]) is None
+        assert find_snapshot(L2, [e.id for e in L2.active()], 2) is None
+    assert equal(mat(L2), exact)
+

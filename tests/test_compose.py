@@ -209,13 +209,32 @@ def test_only_touched_tensors_are_written(base, tmp_path):
     assert mat.tensors == (name,)
     for n, p in model.named_parameters():
         obj, ptr, val = before[n]
-        assert p is obj and p.data_ptr() == ptr  # written in place, never replaced
+        assert p is obj  # the module keeps its Parameter objects
+        if n != name:
+            assert p.data_ptr() == ptr  # untouched tensors are not even copied
         if n == name:
             assert not torch.equal(p, val)
             changed = (p != val).view(-1).nonzero().view(-1).tolist()
             assert changed == [1, 2]
         else:
             assert torch.equal(p, val), n
+
+
+def test_tensors_sharing_storage_stay_shared(base, tmp_path):
+    """Two parameters over one storage (tied weights kept as separate Parameter objects) are
+    written in place, so the tie survives materialise."""
+    L = new_ledger(tmp_path, base)
+    name, other = EDITABLE[0], EDITABLE[1]
+    model = fresh(base)
+    a, b = model.get_parameter(name), model.get_parameter(other)
+    if a.shape != b.shape:
+        pytest.skip("needs two parameters of one shape")
+    with torch.no_grad():
+        b.data = a.data  # tie them by storage
+    shape = tuple(a.shape)
+    add(L, Delta({name: SparseDelta(shape, torch.tensor([0]), torch.tensor([1.0]))}))
+    materialise(L, model)
+    assert a.data_ptr() == b.data_ptr() and torch.equal(a, b)
 
 
 def test_materialise_refuses_a_delta_for_a_missing_or_misshapen_tensor(base, tmp_path):
