@@ -295,7 +295,8 @@ def test_config_validation_and_overrides():
                                   "fraction": "0.002", "alpha": "2.0", "layers": "[1, 2]"})
     assert cfg.attribution == "integrated_gradients" and cfg.fraction == 0.002 and cfg.layers == (1, 2)
     for bad in ({"attribution": "random"}, {"threshold": "local"}, {"fraction": "0"}, {"count": "0"},
-                {"lr": "-1"}, {"ig_steps": "0"}, {"contrast_weight": "-1"}, {"exclude_layers": "[1.5]"}):
+                {"lr": "-1"}, {"ig_steps": "0"}, {"contrast_weight": "-1"}, {"exclude_layers": "[1.5]"},
+                {"optimizer": "sgd"}, {"step_norm": "0"}, {"max_norm": "-1"}):
         with pytest.raises(UsageError):
             make_config(KNEConfig, bad)
     assert KNEEditor.name == "kne" and KNEEditor.paper == "https://arxiv.org/abs/2412.20637"
@@ -320,6 +321,24 @@ def test_alpha_scaling(models):
     for n, td in plain.delta.tensors.items():
         # Adam's first step is scale-free in δ, so the stored update is (α/√n)·(the plain one)
         assert torch.allclose(scaled.delta.tensors[n].values, td.values * 2.0 / math.sqrt(k), atol=1e-7)
+
+
+def test_normalized_gd_step_and_norm_budget(models):
+    model, tok, _ = models["llama"]
+    k = 64
+    # one normalised step: δ = −step_norm · g/‖g‖ on the ensemble (the masked gradient of the first step)
+    (one,) = run(model, tok, [REQ], count=k, optimizer="normalized_gd", step_norm=0.01, max_steps=1,
+                 stop_margin=1e9, **BARE)
+    (adam,) = run(model, tok, [REQ], count=k, lr=0.01, max_steps=1, stop_margin=1e9, **BARE)
+    vals = torch.cat([td.values for td in one.delta.tensors.values()])
+    assert float(vals.norm()) == pytest.approx(0.01, rel=1e-4)
+    signs = torch.cat([td.values for td in adam.delta.tensors.values()]).sign()  # Adam's first step: −lr·sign(g)
+    nz = vals != 0
+    assert torch.equal(vals[nz].sign(), signs[nz])
+    # the norm budget caps the update after every step
+    (capped,) = run(model, tok, [REQ], count=k, lr=0.05, max_steps=5, stop_margin=1e9, max_norm=0.02, **BARE)
+    total = torch.cat([td.values for td in capped.delta.tensors.values()])
+    assert float(total.norm()) <= 0.02 + 1e-6 and capped.metrics["update_norm"] <= 0.02 + 1e-6
 
 
 def test_nan_update_raises_and_leaves_model(models, monkeypatch):
