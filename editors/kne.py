@@ -132,6 +132,12 @@ class KNEConfig:
     #: by ``lr`` whatever its gradient, so entries that barely matter move as much as the ones
     #: that do) or "normalized_gd" (each step moves δ by ``step_norm`` in L2 along −∇: entries move
     #: in proportion to their gradient, the least-norm direction for a given loss decrease).
+    #: the first positions of every row never carry the loss gradient to the candidate weights
+    #: (they compute with the frozen copy there, see ``grad_positions``). Position 0 is the
+    #: attention-sink token: its MLP outputs carry the model's massive activations, which every
+    #: later token's attention depends on; an edit that fits through them changes every prompt.
+    #: Measured on SmolLM2-135M (bench/results/kne.md): see the field's table there.
+    sink_positions: int = 1
     optimizer: str = "adam"
     #: L2 length of one "normalized_gd" step (ignored by "adam").
     step_norm: float = 0.05
@@ -145,6 +151,8 @@ class KNEConfig:
             raise UsageError(f"grad_positions: expected one of {GRAD_POSITIONS}, found {self.grad_positions!r}")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"optimizer: expected one of {OPTIMIZERS}, found {self.optimizer!r}")
+        if self.sink_positions < 0:
+            raise UsageError(f"sink_positions: expected a non-negative integer, found {self.sink_positions!r}")
         if self.step_norm <= 0:
             raise UsageError(f"step_norm: expected a positive number, found {self.step_norm!r}")
         if self.max_norm is not None and self.max_norm <= 0:
@@ -338,6 +346,11 @@ def _build_batch(tok, req: FactRequest, cfg: KNEConfig, device) -> _Batch:
             if subj and subj in text:
                 a, b = subject_token_span(tok, text, subj)
                 sm[i, a:b] = True
+        sm[:, : cfg.sink_positions] = False
+        subject_mask = sm.to(device)
+    elif cfg.sink_positions:
+        sm = torch.ones((len(rows), width, 1), dtype=torch.bool)
+        sm[:, : cfg.sink_positions] = False
         subject_mask = sm.to(device)
     return _Batch({"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}, spans, n_nll, true_row,
                   contrast_rows, kl_rows, kl_lengths, subject_mask)
@@ -578,7 +591,7 @@ class KNEEditor(Editor):
         ensemble = self._summary(ens, scores, layer_of, total, budget, cfg)
         metrics = {
             "steps": steps,
-            "grad_positions": "subject" if batch.subject_mask is not None else "all",
+            "grad_positions": "subject" if cfg.grad_positions == "subject" and req.subject else "all",
             "converged": bool(stopped),
             "final_nll": final_nll,
             "p_target_before": math.exp(lp_new0),

@@ -24,9 +24,11 @@ MULTI = FactRequest("Danielle Darrieux mother tongue is", " German and Spanish",
 
 #: a configuration that reliably edits a 2-layer random model (whose subject reaches the last
 #: position through one random attention layer: gradients through every position)
-STRONG = dict(fraction=0.1, lr=0.05, max_steps=150, stop_margin=0.1, exclude_layers=(), grad_positions="all")
+STRONG = dict(fraction=0.1, lr=0.05, max_steps=150, stop_margin=0.1, exclude_layers=(), grad_positions="all",
+              sink_positions=0)
 #: a bare configuration whose one update can be recomputed by hand: no prefixes, no KL rows
-BARE = dict(context_prefixes=(), locality_prompts=(), contrast_subjects=(), exclude_layers=(), grad_positions="all")
+BARE = dict(context_prefixes=(), locality_prompts=(), contrast_subjects=(), exclude_layers=(), grad_positions="all",
+            sink_positions=0)
 
 
 @pytest.fixture(scope="module")
@@ -372,24 +374,30 @@ def test_real_smollm2_eiffel_rome():
     assert greedy(model, tok, REQ.prompt, 1).startswith(" Paris")
 
 
-def test_subject_positions_reference(models):
-    """grad_positions='subject': scores are |∂L/∂w · w| where ∂L/∂w sums only over the subject's
-    token positions (reference: every candidate linear layer computed with a detached copy of its
-    weight outside the subject tokens), and the edit still makes the target likelier."""
+@pytest.mark.parametrize("where,sink", [("subject", 0), ("subject", 1), ("all", 1), ("all", 2)])
+def test_gradient_positions_reference(models, where, sink):
+    """grad_positions / sink_positions: scores are |∂L/∂w · w| where ∂L/∂w sums only over the
+    subject's token positions (or all), minus the first ``sink`` positions (reference: every
+    candidate linear layer computed with a detached copy of its weight elsewhere)."""
     import torch.nn.functional as F
 
     from kledger.editors.kne import subject_token_span
 
     model, tok, _ = models["llama"]
     k = 200
-    (res,) = run(model, tok, [REQ], count=k, lr=0.01, max_steps=1, stop_margin=1e9, **dict(BARE, grad_positions="subject"))
+    (res,) = run(model, tok, [REQ], count=k, lr=0.01, max_steps=1, stop_margin=1e9,
+                 **dict(BARE, grad_positions=where, sink_positions=sink))
     a, b = subject_token_span(tok, REQ.prompt, REQ.subject)
     assert (a, b) == (0, 3)  # "The", " Eiffel", " Tower"
     cands = candidate_params(model, None, ())
     params = [p for _, p in cands.values()]
     enc, spans = encode_pairs(tok, [REQ.prompt], [REQ.target_new], "cpu")
     mask = torch.zeros(enc["input_ids"].shape + (1,), dtype=torch.bool)
-    mask[0, a:b] = True
+    if where == "subject":
+        mask[0, a:b] = True
+    else:
+        mask[:] = True
+    mask[:, :sink] = False
     handles = []
 
     def hook(module, inputs, output):
