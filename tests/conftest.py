@@ -105,3 +105,23 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def run_cli(args, ledger_dir=None, **kw):
+    """``kledger [--ledger DIR] --quiet ARGS`` through click's CliRunner (exceptions propagate)."""
+    from click.testing import CliRunner
+
+    from kledger.cli.main import cli
+
+    full = (["--ledger", str(ledger_dir)] if ledger_dir else []) + ["--quiet"] + list(args)
+    return CliRunner().invoke(cli, full, catch_exceptions=False, **kw)
+
+
+@pytest.fixture()
+def led(tmp_path, tiny_llama_dir):
+    """A work folder holding a fresh ledger over the tiny Llama (made through ``kledger init``)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    r = run_cli(["init", "--model", str(tiny_llama_dir), "--dir", str(work)])
+    assert r.exit_code == 0, r.output
+    return work

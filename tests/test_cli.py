@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from kledger.cli.main import cli
+from conftest import run_cli as run  # the `led` fixture is in conftest too
 from kledger.editors import registry
 from kledger.editors.base import Editor, EditResult
 from kledger.ledger.deltas import Delta, SparseDelta
@@ -35,19 +36,6 @@ class _NaNEditor(Editor):
         return [EditResult(tuple(requests), Delta({name: SparseDelta((1,), torch.tensor([0]), torch.tensor([float("nan")]))}), {}, {})]
 
 
-def run(args, ledger_dir=None, **kw):
-    runner = CliRunner()
-    full = (["--ledger", str(ledger_dir)] if ledger_dir else []) + ["--quiet"] + list(args)
-    return runner.invoke(cli, full, catch_exceptions=False, **kw)
-
-
-@pytest.fixture()
-def led(tmp_path, tiny_llama_dir):
-    work = tmp_path / "work"
-    work.mkdir()
-    r = run(["init", "--model", str(tiny_llama_dir), "--dir", str(work)])
-    assert r.exit_code == 0, r.output
-    return work
 
 
 def _add(led, *extra, target=" Rome"):

@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from kledger.cli.main import cli
+from conftest import run_cli as run  # the `led` fixture is in conftest too
 from kledger.cli.workflow import Workspace
 from kledger.editors.scoring import score_targets
 from kledger.editors.unlearn import requests_sha256
@@ -33,18 +34,6 @@ LEARN = [{"prompt": "Alice works as a", "target_new": "lawyer"}, {"prompt": "Bob
 TINY = ["--set", "steps=20", "--set", "lr=0.003", "--set", "layers=[0,1]"]
 
 
-def run(args, ledger_dir=None):
-    full = (["--ledger", str(ledger_dir)] if ledger_dir else []) + ["--quiet"] + list(args)
-    return CliRunner().invoke(cli, full, catch_exceptions=False)
-
-
-@pytest.fixture()
-def led(tmp_path, tiny_llama_dir):
-    work = tmp_path / "work"
-    work.mkdir()
-    r = run(["init", "--model", str(tiny_llama_dir), "--dir", str(work)])
-    assert r.exit_code == 0, r.output
-    return work
 
 
 @pytest.fixture()
