@@ -2,7 +2,8 @@
 
 ``merge``: two branches edited in parallel from the same base, ``a`` with records [0, n) and
 ``b`` with records [n, 2n) of ``counterfact-600.json`` (disjoint subjects: no hard conflicts),
-each a sequence of single-fact edits (``batch_size`` 1, the lifelong setting). The branch
+each a sequence of edits, one event per fact (``--batch-size`` facts per editor call; 1 is the
+lifelong setting; the committed runs used 10, see bench/results/merge_real.md). The branch
 ledger is built once and copied for each strategy; ``a`` merges ``b``. Reported: efficacy
 (logP(new) > logP(true) on the edit prompt) and paraphrase of both sides' facts on each branch
 alone and after the merge, merge time, and the dry-run's overlap/interference summary.
@@ -87,7 +88,7 @@ def scores(ledger: Ledger, ref, reqs) -> dict:
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}
 
 
-def build_branches(root: Path, method: str, a, b, overrides) -> dict:
+def build_branches(root: Path, method: str, a, b, overrides, batch_size: int = 1) -> dict:
     if (root / ".kledger").exists():
         log(f"reusing {root}")
         return json.loads((root / "build.json").read_text())
@@ -100,7 +101,7 @@ def build_branches(root: Path, method: str, a, b, overrides) -> dict:
         L.set_current_branch(br)
         ws = Workspace(L, device=DEVICE)
         t = time.perf_counter()
-        evs = ws.add(reqs, method=method, overrides=overrides, batch_size=1, stats_corpus=stats_corpus(),
+        evs = ws.add(reqs, method=method, overrides=overrides, batch_size=batch_size, stats_corpus=stats_corpus(),
                      on_event=lambda ev: log(f"  {br}: {ev.describe()[:90]}"))
         info[br] = {"edits": len(evs), "seconds": round(time.perf_counter() - t, 1)}
         save_keystats(L)
@@ -112,11 +113,11 @@ def build_branches(root: Path, method: str, a, b, overrides) -> dict:
 def run_merge(args) -> dict:
     reqs = load_requests(DATA)
     a, b = reqs[: args.n], reqs[args.n : 2 * args.n]
-    root = Path(args.workdir) / f"merge-{args.method}-{args.n}"
+    root = Path(args.workdir) / f"merge-{args.method}-{args.n}-b{args.batch_size}"
     overrides = dict(kv.split("=", 1) for kv in args.set)
-    build = build_branches(root, args.method, a, b, overrides)
+    build = build_branches(root, args.method, a, b, overrides, args.batch_size)
     L = Ledger(root / ".kledger")
-    out = {"method": args.method, "n": args.n, "build": build, "alone": {}, "merged": {}}
+    out = {"method": args.method, "n": args.n, "batch_size": args.batch_size, "build": build, "alone": {}, "merged": {}}
     out["alone"]["a"] = {"a": scores(L, "a", a), "b": scores(L, "a", b)}
     out["alone"]["b"] = {"a": scores(L, "b", a), "b": scores(L, "b", b)}
     log(f"alone: {out['alone']}")
@@ -136,7 +137,7 @@ def run_merge(args) -> dict:
     }
     log(f"analysis: {out['analysis']}")
     for strategy in args.strategies:
-        dst = Path(args.workdir) / f"merge-{args.method}-{args.n}-{strategy}"
+        dst = Path(args.workdir) / f"merge-{args.method}-{args.n}-b{args.batch_size}-{strategy}"
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(root / ".kledger", dst / ".kledger")
@@ -160,13 +161,13 @@ def run_merge(args) -> dict:
 
 def run_rebase(args) -> dict:
     reqs = load_requests(DATA)[args.offset : args.offset + args.n]
-    root = Path(args.workdir) / f"rebase-{args.method}-{args.n}"
+    root = Path(args.workdir) / f"rebase-{args.method}-{args.n}-b{args.batch_size}"
     overrides = dict(kv.split("=", 1) for kv in args.set)
     if not (root / ".kledger").exists():
         root.mkdir(parents=True, exist_ok=True)
         L = new_ledger(root)
         t = time.perf_counter()
-        Workspace(L, device=DEVICE).add(reqs, method=args.method, overrides=overrides, batch_size=1,
+        Workspace(L, device=DEVICE).add(reqs, method=args.method, overrides=overrides, batch_size=args.batch_size,
                                        stats_corpus=stats_corpus(),
                                        on_event=lambda ev: log(f"  {ev.describe()[:90]}"))
         (root / "build.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t, 1)}))
@@ -176,11 +177,11 @@ def run_rebase(args) -> dict:
     target = L.active()[args.k - 1]
     removed = [r for r in reqs if r.prompt == target.request["prompt"]]
     rest = [r for r in reqs if r.prompt != target.request["prompt"]]
-    out = {"method": args.method, "n": args.n, "k": args.k, "build_s": build["seconds"],
+    out = {"method": args.method, "n": args.n, "k": args.k, "batch_size": args.batch_size, "build_s": build["seconds"],
            "before": {"rest": scores(L, "HEAD", rest), "removed": scores(L, "HEAD", removed)}}
     models = {}
     for mode in ("plain", "rebase"):
-        dst = Path(args.workdir) / f"rebase-{args.method}-{args.n}-{mode}"
+        dst = Path(args.workdir) / f"rebase-{args.method}-{args.n}-b{args.batch_size}-{mode}"
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(root / ".kledger", dst / ".kledger")
@@ -223,6 +224,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--k", type=int, default=10, help="rebase: remove the k-th edit (1-based)")
     ap.add_argument("--offset", type=int, default=200, help="rebase: first CounterFact record")
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="facts per editor call while building the sequences (one event per fact either way)")
     ap.add_argument("--strategies", nargs="*", default=["sum", "ties", "resolve"])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--workdir", default="/tmp/kledger-merge-real")
