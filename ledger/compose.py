@@ -28,7 +28,7 @@ import torch.nn as nn
 from kledger.ledger.deltas import Delta, accumulate
 from kledger.ledger.errors import StateError, UsageError
 from kledger.ledger.records import Event
-from kledger.ledger.store import Ledger
+from kledger.ledger.store import DeltaRef, Ledger
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Materialised:
     version: Event  # the event the model now reflects
-    active: tuple[Event, ...]
+    active: tuple[DeltaRef, ...]  # (id, delta_sha256) of the active delta events, in sequence order
     tensors: tuple[str, ...]  # parameter names written
     seconds: float
 
@@ -91,7 +91,7 @@ def materialise(ledger: Ledger, model: nn.Module, ref: str | Event = "HEAD",
     t0 = time.perf_counter()
     chunk = max(1, int(chunk))
     version = ref if isinstance(ref, Event) else ledger.resolve(ref)
-    active = ledger.active(version)
+    active = ledger.active_refs(version)
     ids = [e.id for e in active]
     params = dict(model.named_parameters())
     sums: dict[str, torch.Tensor] = {}
@@ -179,7 +179,7 @@ def snapshot(ledger: Ledger, model: nn.Module, ref: str | Event = "HEAD", *, chu
     chunk of its active events. ``model`` must be the freshly loaded base model (the sums start
     from its weights; it holds the version ``ref`` afterwards)."""
     version = ref if isinstance(ref, Event) else ledger.resolve(ref)
-    n = len(ledger.active(version))
+    n = len(ledger.active_refs(version))
     if n < chunk:
         raise UsageError(f"expected at least {chunk} active events for a snapshot, found {n}")
     m = materialise(ledger, model, version, chunk=chunk, workers=workers)

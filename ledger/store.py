@@ -27,7 +27,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import duckdb
 
@@ -87,6 +87,13 @@ def _now() -> str:
 
 def row_hash(body: dict[str, Any]) -> str:
     return sha256_hex(body["prev_hash"] + canonical_json(body) + (body.get("delta_sha256") or ""))
+
+
+class DeltaRef(NamedTuple):
+    """An active delta event by reference: what materialising needs of it."""
+
+    id: str
+    delta_sha256: str
 
 
 def _row_to_event(row: Sequence[Any]) -> Event:
@@ -482,6 +489,14 @@ class Ledger:
         ev = ref if isinstance(ref, Event) else self.resolve(ref)
         return self.events_by_ids(self._live(self.ancestors(ev)))
 
+    def active_refs(self, ref: str | Event = "HEAD") -> list["DeltaRef"]:
+        """``active(ref)`` as (id, delta_sha256) pairs, read from the event graph alone: no row is
+        decoded (materialising 10,000 events spent 0.4 s turning rows into events it did not need)."""
+        ev = ref if isinstance(ref, Event) else self.resolve(ref)
+        anc = self.ancestors(ev)
+        g = self._graph()
+        return [DeltaRef(i, g[i][5]) for i in self._live(anc)]
+
     def active_among(self, ids: Iterable[str | Event], ref: str | Event = "HEAD") -> set[str]:
         """Which of the events ``ids`` are active at ``ref``.
 
@@ -664,18 +679,19 @@ class Ledger:
                                    " (SELECT unnest(?::VARCHAR[])) ORDER BY seq", [list(ids)]).fetchall()
         return [_row_to_event(r) for r in rows]
 
-    def load_deltas(self, events: Sequence[Event], workers: int | None = None) -> list["Delta"]:
-        """``load_delta`` for many events: objects are read, hash-checked (once) and decoded in a
-        thread pool (file reads, hashing and safetensors decoding release the GIL)."""
+    def load_deltas(self, events: Sequence[Event | DeltaRef], workers: int | None = None) -> list["Delta"]:
+        """``load_delta`` for many events (or ``DeltaRef``s): objects are read, hash-checked (once)
+        and decoded in a thread pool (file reads, hashing and safetensors decoding release the GIL)."""
         from concurrent.futures import ThreadPoolExecutor
 
         from kledger.ledger.deltas import Delta
 
         for ev in events:
             if not ev.delta_sha256:
-                raise StateError(f"expected event {ev.id} to carry a delta, found a {ev.type} event without one")
+                raise StateError(f"expected event {ev.id} to carry a delta, found a"
+                                 f" {getattr(ev, 'type', 'delta-less')} event without one")
 
-        def one(ev: Event) -> "Delta":
+        def one(ev: Event | DeltaRef) -> "Delta":
             return Delta.from_bytes(self.objects.get(ev.delta_sha256))  # get() checks the content hash
 
         n = workers or min(8, (os.cpu_count() or 1) + 2)

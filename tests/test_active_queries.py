@@ -49,6 +49,7 @@ def _check(L: Ledger, refs) -> None:
                     assert L.active_among(ids, ref) == want
                     assert L.active_among(all_events, ref) == want
                     assert L.active_count(ref) == len(want)
+                    assert L.active_refs(ref) == [(e.id, e.delta_sha256) for e in L.active(ref)]
                     for e in all_events:
                         assert L.active_among([e.id], ref) == ({e.id} & want), (e, window, give_up)
                         assert L.is_ancestor(e, ref) == (e.id in anc), (e, ref, window, give_up)
