@@ -359,7 +359,12 @@ def write(args) -> None:
     trows = [r for r in (_rows(Path(args.timing)) if args.timing else []) if r["phase"] == "timing"]
     lines = ["# Drift over sequential edits, audits and blame (smollm2-135m)", "",
              "Reproduce (every phase is described in the docstring of `bench/drift.py`):", "", "```",
-             "# sequences (second session: per-edit pulse recorded; stopped by hand after the 25-edit audit)",
+             "# third session: 500 MEMIT edits in sequential batches of 10; KNE with sink_positions=1 (time limit)",
+             "python bench/drift.py sequence --workdir /tmp/drift-memit500 --n 500 --every 25 --method memit"
+             " --batch-size 10",
+             "python bench/drift.py sequence --workdir /tmp/drift-kne-sink --n 500 --every 25 --method kne"
+             " --time-limit 4800",
+             "# second session: per-edit pulse recorded; stopped by hand after the 25-edit audit",
              "python bench/drift.py sequence --workdir /tmp/drift-kne-subj --n 50 --every 25 --method kne",
              "python bench/drift.py sequence --workdir /tmp/drift-kne-pulse --n 100 --every 25 --method kne"
              " --set grad_positions=all",
@@ -370,8 +375,8 @@ def write(args) -> None:
              "python bench/drift.py timing --source /tmp/drift-kne --workdir /tmp/drift-timing2 --sizes 500",
              f"python bench/drift.py write --runs {args.runs} --blame {args.blame} --timing {args.timing}"
              f" --notes {args.notes} --out {args.out} --plot {args.plot}", "```", "",
-             "Machine: 2 CPU cores shared with other jobs of the same kind all the time (load average 3–7 in the "
-             "second session, 6–20 in the first), one torch thread per process. Thresholds (defaults): "
+             "Machine: 2 CPU cores shared with other jobs of the same kind all the time (load average 4–5 in the "
+             "third session, 3–7 in the second, 6–20 in the first), one torch thread per process. Thresholds (defaults): "
              f"{', '.join(f'{k} ≤ {v}' for k, v in TH.items() if v is not None)}.", ""]
     if args.notes and Path(args.notes).is_file():
         lines += [Path(args.notes).read_text().rstrip(), ""]

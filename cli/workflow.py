@@ -98,7 +98,7 @@ class Workspace:
         stats_corpus: str | None = None,
         **compute_kwargs: Any,
     ) -> list[Event]:
-        """Edit ``requests`` in batches; append one event per returned result as it is ready."""
+        """Edit ``requests`` in batches; append one event per returned result once its batch is done."""
         if not requests:
             raise UsageError("expected at least one fact request, found none")
         if batch_size < 1:
@@ -144,10 +144,12 @@ class Workspace:
         list_requests: bool = False,
         **compute_kwargs: Any,
     ) -> list[Event]:
-        """Run ``method`` on each batch in turn against the working model; append one event per
-        result (type ``cls.event_type``, default ``add``) and write its delta into the working
-        model before the next batch. ``list_requests``: record the requests as a list even when
-        there is one (a forget/learn *set*); otherwise a single request is recorded as an object.
+        """Run ``method`` on each batch in turn against the working model: write the batch's deltas
+        into it, take the pulse once (if the ledger has probes), refuse the batch if ``guard`` is
+        on and the pulse crossed a threshold (nothing appended, the working model is rebuilt),
+        else append one event per result (type ``cls.event_type``, default ``add``), the last one
+        carrying the pulse. ``list_requests``: record the requests as a list even when there is
+        one (a forget/learn *set*); otherwise a single request is recorded as an object.
         """
         cls = editor_class(method)
         editor = cls(make_config(cls.config_cls, overrides))
