@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from kledger.ledger import compose as _compose
 from kledger.ledger.compose import apply_deltas
 from kledger.ledger.deltas import Delta
 from kledger.ledger.drift import DriftTracker
@@ -540,7 +541,7 @@ class Auditor:
                 self._base[n] = self._params[n].detach().clone()
         for n in self._written:
             self._params[n].copy_(self._base[n])
-        self._written = set(apply_deltas(self.model, deltas)) if deltas else set()
+        self._written = set(apply_deltas(self.model, deltas, chunk=_compose.CHUNK)) if deltas else set()
         return sorted(self._written)
 
     def restore(self) -> None:

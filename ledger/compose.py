@@ -53,10 +53,20 @@ class Materialised:
         }
 
 
-def apply_deltas(model: nn.Module, deltas: Iterable[Delta], signs: Iterable[float] | None = None) -> list[str]:
-    """Write base + Σ deltas into the model's parameters (fp32 accumulation, one cast)."""
+def apply_deltas(model: nn.Module, deltas: Iterable[Delta], signs: Iterable[float] | None = None, *,
+                 chunk: int | None = None) -> list[str]:
+    """Write base + Σ deltas into the model's parameters (fp32 accumulation, one cast). With
+    ``chunk``, the sum runs ``chunk`` deltas at a time in order, exactly as ``materialise`` sums
+    (bit-identical results for the same active list)."""
     params = dict(model.named_parameters())
-    new = accumulate(params, deltas, signs)
+    deltas = list(deltas)
+    if chunk and len(deltas) > chunk:
+        sg = [1.0] * len(deltas) if signs is None else list(signs)
+        new: dict[str, torch.Tensor] = {}
+        for i in range(0, len(deltas), chunk):
+            new.update(accumulate({**params, **new}, deltas[i : i + chunk], sg[i : i + chunk], owned=new.keys()))
+    else:
+        new = accumulate(params, deltas, signs)
     with torch.no_grad():
         for name, value in new.items():
             params[name].copy_(value.to(params[name].dtype))
@@ -70,7 +80,7 @@ KEEP_SNAPSHOTS = 2
 
 
 def materialise(ledger: Ledger, model: nn.Module, ref: str | Event = "HEAD",
-                progress: Callable[[int], None] | None = None, *, chunk: int = CHUNK,
+                progress: Callable[[int], None] | None = None, *, chunk: int | None = None,
                 workers: int | None = None, snapshots: bool = True, auto_snapshot: bool = True) -> Materialised:
     """Turn a freshly loaded base model into the model at ``ref``. The model must be the base.
 
@@ -89,7 +99,7 @@ def materialise(ledger: Ledger, model: nn.Module, ref: str | Event = "HEAD",
     ``KEEP_SNAPSHOTS`` files are kept). ``snapshots=False`` neither reads nor writes them.
     """
     t0 = time.perf_counter()
-    chunk = max(1, int(chunk))
+    chunk = max(1, int(chunk or CHUNK))
     version = ref if isinstance(ref, Event) else ledger.resolve(ref)
     active = ledger.active_refs(version)
     ids = [e.id for e in active]
@@ -173,11 +183,12 @@ def save_snapshot(ledger: Ledger, ids: list[str], sums: dict[str, torch.Tensor],
     return path
 
 
-def snapshot(ledger: Ledger, model: nn.Module, ref: str | Event = "HEAD", *, chunk: int = CHUNK,
+def snapshot(ledger: Ledger, model: nn.Module, ref: str | Event = "HEAD", *, chunk: int | None = None,
              workers: int | None = None) -> Path:
     """Make the snapshot ``materialise`` would use for ``ref``: the fp32 sums after the last whole
     chunk of its active events. ``model`` must be the freshly loaded base model (the sums start
     from its weights; it holds the version ``ref`` afterwards)."""
+    chunk = chunk or CHUNK
     version = ref if isinstance(ref, Event) else ledger.resolve(ref)
     n = len(ledger.active_refs(version))
     if n < chunk:
@@ -240,9 +251,10 @@ def _fp32_tensors(data) -> dict[str, torch.Tensor]:
     return out
 
 
-def find_snapshot(ledger: Ledger, ids: list[str], chunk: int = CHUNK) -> tuple[int, dict[str, torch.Tensor]] | None:
+def find_snapshot(ledger: Ledger, ids: list[str], chunk: int | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
     """The longest snapshot (made with this ``chunk``) whose events are a prefix of ``ids``:
     (its length, fp32 sums). A file whose content hash does not match is never used."""
+    chunk = chunk or CHUNK
     root = ledger.cache_dir / "snapshots"
     if not root.is_dir():
         return None

@@ -304,19 +304,28 @@ def test_blame_names_planted_edit_and_revert_heals(tmp_path, tiny_llama_dir, toy
     assert "HEALTHY" in (tmp_path / "rep2" / "index.html").read_text()
 
 
-def test_auditor_state_equals_materialise(tmp_path, tiny_gpt2_dir, toy):
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_auditor_state_equals_materialise(tmp_path, tiny_gpt2_dir, toy, monkeypatch, chunk):
+    """Bit-identical, also when the sums run in chunks (and materialise writes and then starts
+    from snapshots: chunk 2 here, 2,048 by default)."""
+    if chunk:
+        from kledger.ledger import compose
+
+        monkeypatch.setattr(compose, "CHUNK", chunk)
     ledger, events, _ = _ledger_with_edits(tmp_path, tiny_gpt2_dir, toy, n_good=4)
     model, tok, _ = load_model(str(tiny_gpt2_dir), "cpu")
     probes = build_probes(model, tok, {"texts": ["Alice plays piano ."], "prompts": ["The sky is"],
                                        "facts": [("The sky is", " blue")]})
     aud = A.Auditor(ledger, model, tok, probes)
     ref, _, _ = load_model(str(tiny_gpt2_dir), "cpu")
-    for target in (events[1], events[3], events[0]):
+    for target in (events[1], events[3], events[0], events[3]):
         aud.set_state(ledger.active(target))
         fresh, _, _ = load_model(str(tiny_gpt2_dir), "cpu")
         materialise(ledger, fresh, target)
         for (n, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
             assert torch.equal(p, q), n
+    if chunk:
+        assert list((ledger.cache_dir / "snapshots").glob("*.safetensors"))
     aud.restore()
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         assert torch.equal(p, q), n
