@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from kledger.cli.main import cli
+from conftest import run_cli as run
 from kledger.ledger.store import Ledger
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -16,13 +17,9 @@ FAST = ["--set", "layers=[0,1]", "--set", "stats_tokens=256", "--set", "stats_se
         "--set", "n_prefixes=2", "--set", "prefix_tokens=3", "--set", "v_steps=8"]
 
 
-def run(args, ledger_dir=None):
-    full = (["--ledger", str(ledger_dir)] if ledger_dir else []) + ["--quiet"] + list(args)
-    return CliRunner().invoke(cli, full, catch_exceptions=False)
-
-
 @pytest.fixture()
 def led(tmp_path, tiny_dir):
+    """Like conftest's ``led``, over both tiny models."""
     work = tmp_path / "work"
     work.mkdir()
     assert run(["init", "--model", str(tiny_dir), "--dir", str(work)]).exit_code == 0
