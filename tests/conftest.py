@@ -125,3 +125,31 @@ def led(tmp_path, tiny_llama_dir):
     r = run_cli(["init", "--model", str(tiny_llama_dir), "--dir", str(work)])
     assert r.exit_code == 0, r.output
     return work
+
+
+def rewrite_chain(ledger, seq: int, column: str, value) -> None:
+    """Forge a ledger the way an attacker with write access would: set ``column`` of row ``seq``
+    to ``value`` and recompute the hash chain from that row on, so every row hash is consistent."""
+    import json
+
+    import duckdb
+
+    from kledger.ledger.store import row_hash
+
+    rows = list(ledger.iter_events())
+    con = duckdb.connect(str(ledger.db_path))
+    try:
+        prev = rows[seq - 1].hash
+        for ev in rows[seq:]:
+            body = ev.body()
+            body["prev_hash"] = prev
+            if ev.seq == seq:
+                body[column] = value
+            stored = body[column] if isinstance(body[column], (str, type(None))) else \
+                json.dumps(body[column], separators=(",", ":"))
+            h = row_hash(body)
+            con.execute(f"UPDATE events SET {column} = ?, prev_hash = ?, hash = ?, id = ? WHERE seq = ?",
+                        [stored, prev, h, h[:12], ev.seq])
+            prev = h
+    finally:
+        con.close()

@@ -22,7 +22,8 @@ from kledger.ledger.deltas import Delta, DenseDelta, LowRankDelta, SparseDelta
 from kledger.ledger.errors import StateError
 from kledger.ledger.records import DELTA_EVENT_TYPES
 from kledger.ledger import store
-from kledger.ledger.store import Ledger, row_hash
+from kledger.ledger.store import Ledger
+from conftest import rewrite_chain
 
 MODEL = {"spec": "fake", "path": "/nonexistent", "fingerprint": "0" * 64}
 _G = torch.Generator().manual_seed(0)
@@ -190,19 +191,7 @@ def test_verify_reports_a_parent_that_is_not_an_earlier_event(tmp_path):
     L = Ledger.create(tmp_path, MODEL)
     for i in range(4):
         L.append("add", request={"prompt": f"p{i}", "target_new": " t"}, delta=BLOBS[i])
-    rows = list(L.iter_events())
-    con = duckdb.connect(str(L.db_path))
-    prev = rows[1].hash
-    for ev in rows[2:]:
-        body = ev.body()
-        body["prev_hash"] = prev
-        if ev.seq == 2:
-            body["parent"] = "0123456789ab"  # names no row
-        h = row_hash(body)
-        con.execute("UPDATE events SET parent = ?, prev_hash = ?, hash = ?, id = ? WHERE seq = ?",
-                    [body["parent"], prev, h, h[:12], ev.seq])
-        prev = h
-    con.close()
+    rewrite_chain(L, 2, "parent", "0123456789ab")  # names no row
     rep = L.verify()
     assert not rep.ok and rep.bad_row == 2 and "is not an earlier event" in rep.problem, rep.to_json()
 

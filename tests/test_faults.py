@@ -17,6 +17,7 @@ import duckdb
 import pytest
 import torch
 
+from conftest import rewrite_chain
 from kledger.ledger.deltas import Delta, DenseDelta, LowRankDelta, SparseDelta
 from kledger.ledger.errors import IntegrityError, KledgerError, LedgerBusyError
 from kledger.ledger.store import Ledger, row_hash
@@ -286,27 +287,13 @@ def test_busy_lock_fails_fast_and_readers_still_work(tmp_path, deltas_dir):
 
 def test_consistently_rewritten_chain_is_caught_by_an_anchor(tmp_path):
     """Rewriting a row and re-hashing every later row passes plain verify; an anchor catches it."""
-    import duckdb as _duckdb
-
-    from kledger.ledger.store import Ledger as _Ledger, row_hash as _row_hash
+    from kledger.ledger.store import Ledger as _Ledger
 
     led = _Ledger.create(tmp_path, {"fingerprint": "x"})
     for i in range(3):
         led.append("audit", metrics={"i": i})
     anchor = led.events(limit=1)[0].hash
-    rows = [e for e in led.iter_events()]
-    con = _duckdb.connect(str(led.db_path))
-    prev = rows[0].hash
-    for ev in rows[1:]:
-        body = ev.body()
-        body["prev_hash"] = prev
-        if ev.seq == 1:
-            body["metrics"] = {"i": 99}
-        h = _row_hash(body)
-        con.execute("UPDATE events SET metrics = ?, prev_hash = ?, hash = ?, id = ? WHERE seq = ?",
-                    [json.dumps(body["metrics"], separators=(",", ":")), prev, h, h[:12], ev.seq])
-        prev = h
-    con.close()
+    rewrite_chain(led, 1, "metrics", {"i": 99})
     assert led.verify().ok  # consistent rewrite: the chain alone cannot tell
     rep = led.verify(anchor=anchor)
     assert not rep.ok and "anchor" in rep.problem
