@@ -141,7 +141,7 @@ def _replay(ledger, items, planted: tuple[int, object] | None = None) -> dict:
     """Append ``items`` (request, method, config, ensemble, metrics, delta) as add events with
     freshly computed drift, inserting ``planted = (position, Delta)`` as an add event there."""
     from kledger.editors.models import resolve_model_path
-    from kledger.ledger.drift import DriftTracker, SafetensorsBase
+    from kledger.audit.drift import DriftTracker, SafetensorsBase
 
     files = SafetensorsBase(resolve_model_path(MODEL))
     tracker = DriftTracker(lambda n: files.get(n))
@@ -176,7 +176,7 @@ def _synthetic_goods(n: int, scale: float, seed: int, data: str) -> list[tuple]:
     down_proj, each with a CounterFact request (they do not make the fact hold)."""
     from kledger.editors.models import resolve_model_path
     from kledger.ledger.deltas import Delta, LowRankDelta
-    from kledger.ledger.drift import SafetensorsBase
+    from kledger.audit.drift import SafetensorsBase
     from kledger.ledger.records import load_requests
 
     files = SafetensorsBase(resolve_model_path(MODEL))
@@ -197,7 +197,7 @@ def _synthetic_goods(n: int, scale: float, seed: int, data: str) -> list[tuple]:
 def _destructive(name: str, scale: float, seed: int):
     from kledger.cli.workflow import resolve_model_path
     from kledger.ledger.deltas import Delta, LowRankDelta
-    from kledger.ledger.drift import SafetensorsBase
+    from kledger.audit.drift import SafetensorsBase
 
     w = SafetensorsBase(resolve_model_path(MODEL)).get(name)
     g = torch.Generator().manual_seed(seed)
@@ -208,7 +208,7 @@ def _destructive(name: str, scale: float, seed: int):
 
 def blame(args) -> None:
     from kledger.cli.workflow import init_ledger
-    from kledger.ledger import audit as A
+    from kledger import audit as A
     from kledger.ledger.store import Ledger
 
     work = Path(args.workdir)
@@ -352,7 +352,7 @@ def _blame_section(workdir: Path) -> list[str]:
 
 
 def write(args) -> None:
-    from kledger.ledger.audit import DEFAULT_THRESHOLDS as TH
+    from kledger.audit.thresholds import DEFAULT_THRESHOLDS as TH
 
     runs = [Path(r) for r in args.runs.split(",") if r]
     blames = [Path(r) for r in (args.blame or "").split(",") if r]
@@ -411,7 +411,7 @@ def _plot(datas: list[dict], trows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kledger.ledger.audit import DEFAULT_THRESHOLDS as TH
+    from kledger.audit.thresholds import DEFAULT_THRESHOLDS as TH
 
     panels = [("ppl_ratio", "perplexity ratio (log)", True), ("kl", "KL vs base, nats", False),
               ("retention_drop", "retention drop (known facts)", False),

@@ -15,9 +15,9 @@ import torch
 from kledger.editors.base import EditContext, applied, make_config
 from kledger.editors.kne import KNEConfig, KNEEditor
 from kledger.editors.models import load_model
-from kledger.ledger.audit import pulse
+from kledger.audit.figures import pulse
 from kledger.ledger.deltas import Delta
-from kledger.ledger.probes import latest_probes_event, load_probes
+from kledger.audit.probes import latest_probes_event, load_probes
 from kledger.ledger.records import load_requests
 from kledger.ledger.store import Ledger
 

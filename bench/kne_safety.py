@@ -36,8 +36,8 @@ from kledger.editors.base import EditContext, applied, config_to_json, make_conf
 from kledger.editors.kne import KNEConfig, KNEEditor  # noqa: E402
 from kledger.editors.models import load_model  # noqa: E402
 from kledger.editors.scoring import score_targets  # noqa: E402
-from kledger.ledger.audit import pulse  # noqa: E402
-from kledger.ledger.probes import latest_probes_event, load_probes  # noqa: E402
+from kledger.audit.figures import pulse  # noqa: E402
+from kledger.audit.probes import latest_probes_event, load_probes  # noqa: E402
 from kledger.ledger.records import load_requests  # noqa: E402
 from kledger.ledger.store import Ledger  # noqa: E402
 

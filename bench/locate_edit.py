@@ -40,7 +40,8 @@ from kledger.editors.kne import KNEEditor
 from kledger.editors.locate import LocateConfig, resolve_layers
 from kledger.editors.memit import MEMITEditor
 from kledger.editors.models import cache_dir, load_model
-from kledger.editors.scoring import encode_pairs, score_targets
+from kledger.editors.scoring import score_targets
+from kledger.editors.tokens import encode_pairs
 from kledger.editors.stats import key_covariances
 from kledger.ledger.deltas import accumulate
 from kledger.ledger.records import FactRequest

@@ -278,7 +278,7 @@ def op_materialise(root: Path) -> dict:
 
 
 def op_snapshot(root: Path) -> dict:
-    """Periodic snapshots (``compose.CHUNK`` = 2,048 active events): the first materialise of HEAD
+    """Periodic snapshots (``compose.DEFAULT_CHUNK`` = 2,048 active events): the first materialise of HEAD
     writes the snapshot of its last whole chunk; a second one, onto a fresh base model, starts
     from it. The two results must be bit for bit equal."""
     import torch

@@ -65,11 +65,11 @@ def init(app: App, model_spec: str, directory: str, probes: str | None) -> None:
     base = ledger.base_model()
     out = {"ledger": str(ledger.root), "base_model": base, "head": ledger.head().id}
     if probes:
-        from kledger.cli.audit import probe_set
+        from kledger.auditing import probe_set
 
         app._ledger = ledger
         model, tok, _ = app.load_base()
-        ps, pev, _ = probe_set(app, ledger, model, tok, None if probes == "default" else probes)
+        ps, pev, _ = probe_set(ledger, model, tok, None if probes == "default" else probes, app.progress_note)
         out["probes"] = {"event": pev.id, "sha256": ps.sha256, **ps.summary()}
     app.emit(out, f"initialised {ledger.root} for {model_spec} (fingerprint {base['fingerprint'][:16]}…)")
 

@@ -24,7 +24,7 @@ from kledger.editors.models import load_model, resolve_model_path
 from kledger.editors.registry import editor_class
 from kledger.ledger.compose import Materialised, apply_deltas, export, materialise
 from kledger.ledger.deltas import accumulate
-from kledger.ledger.drift import DriftTracker, SafetensorsBase, cache_file, measure_edit
+from kledger.audit.drift import DriftTracker, SafetensorsBase, cache_file, measure_edit
 from kledger.ledger.errors import StateError, UsageError
 from kledger.ledger.records import Event, FactRequest
 from kledger.ledger.store import DIRNAME, Ledger
@@ -155,7 +155,7 @@ class Workspace:
         editor = cls(make_config(cls.config_cls, overrides))
         event_type = getattr(cls, "event_type", "add")
         if self.guard:
-            from kledger.ledger.probes import latest_probes_event
+            from kledger.audit.probes import latest_probes_event
 
             if not self.pulse or latest_probes_event(self.ledger) is None:
                 raise UsageError("--guard: expected a probe set in the ledger (`kledger init --probes default`"
@@ -221,24 +221,25 @@ class Workspace:
         )
 
     def _pulse(self, model, tok, metrics: dict[str, Any]) -> None:
-        """Per-edit function-level check (``kledger.ledger.audit.pulse``), run after the last delta
+        """Per-edit function-level check (``kledger.audit.figures.pulse``), run after the last delta
         of each editor call (every edit when the batch size is 1), once the ledger holds a probe set (recorded by the first ``kledger audit``, or ``kledger audit --probes-only``):
         KL to the base and retention drop on a fixed subset of the probes, recorded in the
         event's metrics as ``pulse``; crossing an audit threshold logs a collapse warning."""
         if not self.pulse:
             return
-        from kledger.ledger import audit as A
-        from kledger.ledger.probes import latest_probes_event, load_probes
+        from kledger.audit.figures import PULSE_THRESHOLDS, pulse
+        from kledger.audit.probes import latest_probes_event, load_probes
+        from kledger.audit.thresholds import crossed, stored_thresholds
 
         if self._probes is None:
             pev = latest_probes_event(self.ledger)
             if pev is None:
                 return
             self._probes = load_probes(self.ledger, pev)
-            self._thresholds = A.stored_thresholds(self.ledger)[0]
-        figures = A.pulse(model, tok, self._probes)
-        bounds = {k: self._thresholds.get(k) for k in A.PULSE_THRESHOLDS}
-        figures["crossed"] = A.crossed(figures, bounds)
+            self._thresholds = stored_thresholds(self.ledger)[0]
+        figures = pulse(model, tok, self._probes)
+        bounds = {k: self._thresholds.get(k) for k in PULSE_THRESHOLDS}
+        figures["crossed"] = crossed(figures, bounds)
         metrics["pulse"] = figures
         if figures["crossed"]:
             text = ", ".join(f"{k} {figures[k]} > {bounds[k]}" for k in figures["crossed"])
@@ -246,7 +247,7 @@ class Workspace:
                         " run `kledger audit --blame`", text, figures["prompts"], figures["facts"])
 
     def _drift_tracker(self) -> DriftTracker:
-        """Drift against the base (``kledger.ledger.drift``): W0 is read from the base model's
+        """Drift against the base (``kledger.audit.drift``): W0 is read from the base model's
         safetensors files, or else recovered as the working tensor minus the active deltas."""
         if self._drift is None:
             base = self.ledger.base_model()

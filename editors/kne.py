@@ -41,20 +41,20 @@ default.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
+from kledger.editors.hooks import gradient_through
 from kledger.editors.locate import subject_token_span
-from kledger.editors.scoring import encode_pairs
 from kledger.editors.sites import num_layers, sites_for
+from kledger.editors.tokens import encode_pairs, pad, pad_id
 from kledger.ledger.deltas import Delta, SparseDelta
 from kledger.ledger.errors import UsageError
 from kledger.ledger.records import FactRequest
@@ -332,13 +332,8 @@ def _build_batch(tok, req: FactRequest, cfg: KNEConfig, device) -> _Batch:
             rows.append(ids)
             texts.append(p)
             subjects.append(req.subject if req.subject and req.subject in p else None)
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    input_ids, mask = pad(rows, pad_id(tok), device)
+    width = input_ids.shape[1]
     subject_mask = None
     if cfg.grad_positions == "subject" and req.subject:
         sm = torch.zeros((len(rows), width, 1), dtype=torch.bool)
@@ -352,42 +347,8 @@ def _build_batch(tok, req: FactRequest, cfg: KNEConfig, device) -> _Batch:
         sm = torch.ones((len(rows), width, 1), dtype=torch.bool)
         sm[:, : cfg.sink_positions] = False
         subject_mask = sm.to(device)
-    return _Batch({"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}, spans, n_nll, true_row,
+    return _Batch({"input_ids": input_ids, "attention_mask": mask}, spans, n_nll, true_row,
                   contrast_rows, kl_rows, kl_lengths, subject_mask)
-
-
-@contextlib.contextmanager
-def gradient_through(model: nn.Module, param_names: Sequence[str], mask: torch.Tensor | None) -> Iterator[None]:
-    """Inside the block, the modules owning ``param_names`` use their weights only where ``mask``
-    (rows × positions × 1) is True and a detached copy of them elsewhere: the loss gradient reaches
-    those weights only through the masked positions (it still flows through every position's
-    activations). Values are unchanged. No-op when ``mask`` is None; hooks always removed."""
-    if mask is None:
-        yield
-        return
-    from torch.func import functional_call
-
-    busy: set[int] = set()
-
-    def hook(module, inputs, output):
-        if id(module) in busy:  # the frozen recomputation below calls the module again
-            return None
-        busy.add(id(module))
-        try:
-            frozen = functional_call(module, {n: p.detach() for n, p in module.named_parameters(recurse=False)},
-                                     inputs)
-        finally:
-            busy.discard(id(module))
-        return torch.where(mask, output, frozen)
-
-    handles = []
-    try:
-        for name in dict.fromkeys(n.rsplit(".", 1)[0] for n in param_names):
-            handles.append(model.get_submodule(name).register_forward_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _row_logp(logp: torch.Tensor, batch: _Batch, i: int) -> torch.Tensor:

@@ -52,10 +52,10 @@ import torch
 import torch.nn as nn
 
 from kledger.editors.base import EditContext, EditResult, preserved
-from kledger.editors.scoring import encode_pairs
+from kledger.editors.tokens import encode_pairs
 from kledger.editors.sites import Sites, get_module, num_layers, sites_for
-from kledger.editors.stats import StopAfter, StopForward, banned_ids, key_covariances, sample_continuations
-from kledger.editors.trace import Trace, edit_output
+from kledger.editors.hooks import StopAfter, StopForward, Trace, edit_output
+from kledger.editors.stats import banned_ids, key_covariances, sample_continuations
 from kledger.ledger.deltas import Delta, LowRankDelta
 from kledger.ledger.errors import NumericalError, UsageError
 from kledger.ledger.records import FactRequest

@@ -10,26 +10,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-
-def encode_pairs(tok, prompts: Sequence[str], targets: Sequence[str], device) -> tuple[dict, list[tuple[int, int]]]:
-    """Right-padded batch of prompt+target; spans[i] = (start, end) of target i's tokens."""
-    ids, spans = [], []
-    for p, t in zip(prompts, targets):
-        p_ids = tok(p, add_special_tokens=False)["input_ids"]
-        t_ids = tok(p + t, add_special_tokens=False)["input_ids"][len(p_ids):]
-        if not t_ids or tok(p + t, add_special_tokens=False)["input_ids"][: len(p_ids)] != p_ids:
-            # tokenisation merged across the boundary: tokenise the target on its own
-            t_ids = tok(t, add_special_tokens=False)["input_ids"]
-        ids.append(p_ids + t_ids)
-        spans.append((len(p_ids), len(p_ids) + len(t_ids)))
-    width = max(len(x) for x in ids)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}, spans
+from kledger.editors.tokens import encode_pairs, pad_id
 
 
 def target_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -72,5 +53,5 @@ def greedy(model: nn.Module, tok, prompt: str, max_new_tokens: int = 5) -> str:
     dev = next(model.parameters()).device
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(dev)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+                         pad_token_id=pad_id(tok))
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -2,7 +2,7 @@
 
 ``k`` is the input of the MLP output projection (``sites.mlp_out``) at every token of a generic
 corpus. All requested layers are collected in ONE pass over the corpus (one trace per layer on the
-same forward), accumulated batch-wise as fp32 ``XᵀX`` blocks of at most ``FLUSH_ROWS`` rows that
+same forward), accumulated batch-wise as fp32 ``XᵀX`` blocks of at most ``hooks.FLUSH_ROWS`` rows that
 are summed in float64. Padding positions are excluded. For a file corpus the forward pass stops
 right after the last layer that is needed (the layers above it cannot change the keys).
 
@@ -50,66 +50,17 @@ from safetensors.torch import load_file, save
 
 from kledger.editors.base import EditContext
 from kledger.editors.sites import Sites, sites_for
-from kledger.editors.trace import Trace
+from kledger.editors.hooks import KeyAccumulator, StopForward
+from kledger.editors.tokens import pad, pad_id
 from kledger.ledger.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "kledger-keystats-1"
-FLUSH_ROWS = 4096
 #: Start words of the sampled corpus (cycled over the sequences): plain English openings.
 START_WORDS = ("The", "In", "A", "It", "This", "When", "He", "She", "We", "There", "After", "One",
                "I", "You", "Many", "His", "Her", "On", "For", "As")
 SAMPLE_TOP_K = 40
-
-
-class StopForward(Exception):
-    """Raised by the last trace to end a forward pass early (nothing above is needed)."""
-
-
-class StopAfter(Trace):
-    """A ``Trace`` that records like ``Trace`` and then ends the forward pass (``StopForward``)."""
-
-    def _hook(self, module, inputs, output):
-        super()._hook(module, inputs, output)
-        raise StopForward
-
-
-class KeyAccumulator(Trace):
-    """A ``Trace`` that sums ``XᵀX`` of its module's input over the non-padding positions.
-
-    ``owner.mask`` (flattened bool, or None for all positions) selects rows; with ``stop=True`` the
-    hook ends the forward pass after accumulating.
-    """
-
-    def __init__(self, model: nn.Module, path: str, owner: "_Pass", stop: bool = False) -> None:
-        super().__init__(model, path, retain_input=True, retain_output=False)
-        self.owner, self.stop = owner, stop
-        self.sum: torch.Tensor | None = None
-        self.count = 0
-        self._buf: list[torch.Tensor] = []
-        self._rows = 0
-
-    def _hook(self, module, inputs, output):
-        x = inputs[0].detach()
-        x = x.reshape(-1, x.shape[-1])
-        if self.owner.mask is not None:
-            x = x[self.owner.mask]
-        self._buf.append(x.float())
-        self._rows += x.shape[0]
-        if self._rows >= FLUSH_ROWS:
-            self.flush()
-        if self.stop:
-            raise StopForward
-
-    def flush(self) -> None:
-        if not self._buf:
-            return
-        x = torch.cat(self._buf)
-        self._buf, self._rows = [], 0
-        block = (x.T @ x).double()
-        self.sum = block if self.sum is None else self.sum + block
-        self.count += x.shape[0]
 
 
 class _Pass:
@@ -356,7 +307,7 @@ def _accumulate(model, tok, sites: Sites, layers: list[int], ctx: EditContext, c
 
     dev = next(model.parameters()).device
     state = _Pass()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad_value = pad_id(tok)
     with contextlib.ExitStack() as stack:
         # the stopping trace is armed only for plain forward passes (generation needs the logits)
         accs = {l: stack.enter_context(KeyAccumulator(model, sites.mlp_out.format(l), state)) for l in layers}
@@ -367,15 +318,10 @@ def _accumulate(model, tok, sites: Sites, layers: list[int], ctx: EditContext, c
             stopper.stop = True
             try:
                 for chunk in tqdm(list(_batches(windows, bsz)), desc=desc, disable=not ctx.progress):
-                    width = max(len(w) for w in chunk)
-                    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                    for i, w in enumerate(chunk):
-                        ids[i, : len(w)] = torch.as_tensor(w)
-                        mask[i, : len(w)] = 1
-                    state.mask = mask.view(-1).bool().to(dev)
+                    ids, mask = pad(chunk, pad_value, dev)
+                    state.mask = mask.view(-1).bool()
                     try:
-                        model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+                        model(input_ids=ids, attention_mask=mask, use_cache=False)
                     except StopForward:
                         pass
             finally:

@@ -59,7 +59,7 @@ from safetensors.torch import load_file, save
 from torch.func import functional_call
 
 from kledger.editors.base import EditContext, EditResult, Editor, preserved
-from kledger.editors.scoring import encode_pairs
+from kledger.editors.tokens import encode_pairs
 from kledger.editors.sites import Sites, num_layers, sites_for
 from kledger.ledger.canonical import canonical_json, sha256_hex
 from kledger.ledger.deltas import Delta, LowRankDelta

@@ -73,14 +73,15 @@ def apply_deltas(model: nn.Module, deltas: Iterable[Delta], signs: Iterable[floa
     return sorted(new)
 
 
-#: active events summed per step; snapshots are taken only at multiples of it (see ``materialise``)
-CHUNK = 2048
+#: active events summed per step by default; snapshots are taken only at multiples of the chunk
+#: (see ``materialise``); every function here takes the chunk as a parameter
+DEFAULT_CHUNK = 2048
 #: the most snapshot files kept per ledger (newest first); older ones are deleted (a cache)
 KEEP_SNAPSHOTS = 2
 
 
 def materialise(ledger: Ledger, model: nn.Module, ref: str | Event = "HEAD",
-                progress: Callable[[int], None] | None = None, *, chunk: int | None = None,
+                progress: Callable[[int], None] | None = None, *, chunk: int = DEFAULT_CHUNK,
                 workers: int | None = None, snapshots: bool = True, auto_snapshot: bool = True) -> Materialised:
     """Turn a freshly loaded base model into the model at ``ref``. The model must be the base.
 
@@ -99,7 +100,7 @@ def materialise(ledger: Ledger, model: nn.Module, ref: str | Event = "HEAD",
     ``KEEP_SNAPSHOTS`` files are kept). ``snapshots=False`` neither reads nor writes them.
     """
     t0 = time.perf_counter()
-    chunk = max(1, int(chunk or CHUNK))
+    chunk = max(1, int(chunk))
     version = ref if isinstance(ref, Event) else ledger.resolve(ref)
     active = ledger.active_refs(version)
     ids = [e.id for e in active]
@@ -183,12 +184,11 @@ def save_snapshot(ledger: Ledger, ids: list[str], sums: dict[str, torch.Tensor],
     return path
 
 
-def snapshot(ledger: Ledger, model: nn.Module, ref: str | Event = "HEAD", *, chunk: int | None = None,
+def snapshot(ledger: Ledger, model: nn.Module, ref: str | Event = "HEAD", *, chunk: int = DEFAULT_CHUNK,
              workers: int | None = None) -> Path:
     """Make the snapshot ``materialise`` would use for ``ref``: the fp32 sums after the last whole
     chunk of its active events. ``model`` must be the freshly loaded base model (the sums start
     from its weights; it holds the version ``ref`` afterwards)."""
-    chunk = chunk or CHUNK
     version = ref if isinstance(ref, Event) else ledger.resolve(ref)
     n = len(ledger.active_refs(version))
     if n < chunk:
@@ -251,10 +251,9 @@ def _fp32_tensors(data) -> dict[str, torch.Tensor]:
     return out
 
 
-def find_snapshot(ledger: Ledger, ids: list[str], chunk: int | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
+def find_snapshot(ledger: Ledger, ids: list[str], chunk: int = DEFAULT_CHUNK) -> tuple[int, dict[str, torch.Tensor]] | None:
     """The longest snapshot (made with this ``chunk``) whose events are a prefix of ``ids``:
     (its length, fp32 sums). A file whose content hash does not match is never used."""
-    chunk = chunk or CHUNK
     root = ledger.cache_dir / "snapshots"
     if not root.is_dir():
         return None

@@ -18,11 +18,11 @@ from kledger.cli.workflow import Workspace, init_ledger
 from kledger.editors.base import EditResult, Editor
 from kledger.editors.models import load_model
 from kledger.editors.sites import sites_for
-from kledger.ledger import audit as A
+from kledger import audit as A
 from kledger.ledger.compose import materialise
 from kledger.ledger.deltas import Delta, DenseDelta, LowRankDelta, SparseDelta
-from kledger.ledger.drift import DriftTracker, delta_fro, top_singular_value
-from kledger.ledger.probes import ProbeSet, build_probes, latest_probes_event, load_probes
+from kledger.audit.drift import DriftTracker, delta_fro, top_singular_value
+from kledger.audit.probes import ProbeSet, build_probes, latest_probes_event, load_probes
 from kledger.ledger.records import FactRequest
 from kledger.ledger.store import Ledger
 
@@ -191,7 +191,7 @@ def test_probe_facts_filtered_to_base_answers_and_round_trip(tiny_llama_dir, tmp
     f = tmp_path / "facts.json"
     f.write_text(json.dumps([{"prompt": q, "answer": a} for q, a in zip(qs, right)]
                             + [{"prompt": q, "attribute": w.strip()} for q, w in zip(qs, wrong)]))
-    from kledger.ledger.probes import load_probe_file
+    from kledger.audit.probes import load_probe_file
 
     user = load_probe_file(f)
     probes = build_probes(model, tok, user, n_texts=2, text_tokens=8, fact_margin=0.0)
@@ -305,23 +305,20 @@ def test_blame_names_planted_edit_and_revert_heals(tmp_path, tiny_llama_dir, toy
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
-def test_auditor_state_equals_materialise(tmp_path, tiny_gpt2_dir, toy, monkeypatch, chunk):
+def test_auditor_state_equals_materialise(tmp_path, tiny_gpt2_dir, toy, chunk):
     """Bit-identical, also when the sums run in chunks (and materialise writes and then starts
     from snapshots: chunk 2 here, 2,048 by default)."""
-    if chunk:
-        from kledger.ledger import compose
-
-        monkeypatch.setattr(compose, "CHUNK", chunk)
+    sums = {"chunk": chunk} if chunk else {}
     ledger, events, _ = _ledger_with_edits(tmp_path, tiny_gpt2_dir, toy, n_good=4)
     model, tok, _ = load_model(str(tiny_gpt2_dir), "cpu")
     probes = build_probes(model, tok, {"texts": ["Alice plays piano ."], "prompts": ["The sky is"],
                                        "facts": [("The sky is", " blue")]})
-    aud = A.Auditor(ledger, model, tok, probes)
+    aud = A.Auditor(ledger, model, tok, probes, **sums)
     ref, _, _ = load_model(str(tiny_gpt2_dir), "cpu")
     for target in (events[1], events[3], events[0], events[3]):
         aud.set_state(ledger.active(target))
         fresh, _, _ = load_model(str(tiny_gpt2_dir), "cpu")
-        materialise(ledger, fresh, target)
+        materialise(ledger, fresh, target, **sums)
         for (n, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
             assert torch.equal(p, q), n
     if chunk:

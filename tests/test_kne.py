@@ -11,7 +11,8 @@ import torch
 from kledger.editors.base import EditContext, EditResult, applied, make_config
 from kledger.editors.kne import KNEConfig, KNEEditor, candidate_params
 from kledger.editors.models import load_model
-from kledger.editors.scoring import encode_pairs, score_targets, target_logprobs, target_token_accuracy
+from kledger.editors.scoring import score_targets, target_logprobs, target_token_accuracy
+from kledger.editors.tokens import encode_pairs
 from kledger.editors.sites import sites_for
 from kledger.ledger.deltas import Delta, SparseDelta
 from kledger.ledger.errors import NumericalError, UsageError

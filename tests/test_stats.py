@@ -13,7 +13,7 @@ from kledger.editors.base import EditContext
 from kledger.editors.models import load_model
 from kledger.editors.sites import sites_for
 from kledger.editors.stats import key_covariances
-from kledger.editors.trace import Trace
+from kledger.editors.hooks import Trace
 from kledger.ledger.errors import UsageError
 
 TEXT = (

@@ -8,7 +8,8 @@ import torch
 from kledger.editors.base import EditContext, applied, make_config
 from kledger.editors.models import load_model
 from kledger.editors.registry import editor_class
-from kledger.editors.scoring import encode_pairs, score_targets
+from kledger.editors.scoring import score_targets
+from kledger.editors.tokens import encode_pairs
 from kledger.editors.unlearn import (
     LearnConfig, LearnEditor, SubspaceConfig, UnlearnEditor, _Facts, edited_weights, fit_updates,
     orthogonalise, truncated_svd,

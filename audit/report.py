@@ -17,29 +17,24 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from kledger.ledger.audit import DEFAULT_THRESHOLDS, THRESHOLDS
+from kledger.audit import events as E
+from kledger.audit.thresholds import BASE_FIGURES, DEFAULT_THRESHOLDS, THRESHOLDS
 from kledger.ledger.records import DELTA_EVENT_TYPES, Event
 
 log = logging.getLogger(__name__)
 
-_PLOTTED = ("ppl_ratio", "kl", "retention_drop", "edit_retention_drop", "weight_rel", "sv_growth")
+_PLOTTED = tuple(THRESHOLDS)
 
 
 def history(ledger, version: Event) -> dict[str, Any]:
     """Events of ``version``'s history: model events, and the audits of versions in it."""
     anc = ledger.ancestors(version)
     model_events = [e for e in ledger.events(newest_first=False) if e.id in anc and e.type != "audit"]
-    audits, probes_sha = [], None
-    all_audits = ledger.events(types=["audit"], newest_first=False)
-    for ev in all_audits:
-        cfg = ev.config if isinstance(ev.config, Mapping) else {}
-        if cfg.get("kind") == "audit" and cfg.get("version") in anc:
-            audits.append(ev)
+    audits, probes_sha = E.history(ledger, "audit", anc), None
     if audits:  # only audits on the same probe set as the latest are comparable
         probes_sha = audits[-1].config.get("probes")
         audits = [a for a in audits if a.config.get("probes") == probes_sha]
-    blames = [e for e in all_audits if isinstance(e.config, Mapping) and e.config.get("kind") == "blame"
-              and e.config.get("version") in anc]
+    blames = E.history(ledger, "blame", anc)
     seq_of = {e.id: e.seq for e in model_events}
     return {"events": model_events, "audits": audits, "blames": blames, "probes": probes_sha, "seq_of": seq_of}
 
@@ -216,11 +211,9 @@ def write_report(ledger, out_dir: str | os.PathLike, version: Event, *, current:
         prev = previous if previous is not None else (audits[-2].metrics if len(audits) >= 2 else None)
         parts.append("<h2>Figures</h2><table><tr><th>metric</th><th>meaning</th><th>base</th><th>previous audit</th>"
                      "<th>now</th><th>threshold</th></tr>")
-        base_vals = {"ppl_ratio": 1.0, "kl": 0.0, "retention_drop": 0.0, "edit_retention_drop": None,
-                     "weight_rel": 0.0, "sv_growth": 1.0}
         for name in THRESHOLDS:
             cls = " class='bad'" if name in current.get("crossed", []) else ""
-            parts.append(f"<tr><td{cls}>{name}</td><td>{html.escape(THRESHOLDS[name])}</td><td>{_fmt(base_vals[name])}"
+            parts.append(f"<tr><td{cls}>{name}</td><td>{html.escape(THRESHOLDS[name])}</td><td>{_fmt(BASE_FIGURES[name])}"
                          f"</td><td>{_fmt((prev or {}).get(name))}</td><td{cls}>{_fmt(m.get(name))}</td>"
                          f"<td>{'≤ ' + _fmt(thresholds.get(name)) if thresholds.get(name) is not None else 'off'}"
                          "</td></tr>")

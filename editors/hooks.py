@@ -1,0 +1,217 @@
+"""Every forward hook kledger installs, each behind a context manager that always removes it.
+
+Like baukit's ``Trace``: hooks exist only inside a ``with`` block and are removed on exit, also
+when the body raises (a ``StopForward`` that ends a pass early included).
+
+* ``Trace`` / ``TraceDict``  record a module's input and/or output;
+* ``StopAfter``              record like ``Trace``, then end the forward pass (``StopForward``);
+* ``KeyAccumulator``         sum ``XᵀX`` of a module's input over the unmasked positions;
+* ``edit_output``            replace a module's output by a function of it;
+* ``gradient_through``       let the loss gradient reach some weights only at masked positions;
+* ``LogitsAt``               give the output embedding only the hidden states at chosen positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from kledger.editors.sites import get_module
+
+#: rows of ``XᵀX`` blocks buffered by ``KeyAccumulator`` before they are multiplied out
+FLUSH_ROWS = 4096
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+class _Hook(contextlib.AbstractContextManager):
+    """A forward hook (``_hook``) on one module, registered on enter and removed on exit."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._handle = None
+
+    def _hook(self, module, inputs, output):  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class Trace(_Hook):
+    """Record the input (first positional arg) and/or output of one module during forward passes.
+
+    ``detach=False`` keeps the graph (needed when gradients flow through the recorded tensor).
+    """
+
+    def __init__(self, model: nn.Module, path: str, *, retain_input: bool = False,
+                 retain_output: bool = True, detach: bool = True) -> None:
+        super().__init__(get_module(model, path))
+        self.retain_input, self.retain_output, self.detach = retain_input, retain_output, detach
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+
+    def _hook(self, module, inputs, output):
+        if self.retain_input:
+            x = inputs[0]
+            self.input = x.detach() if self.detach else x
+        if self.retain_output:
+            y = _first(output)
+            self.output = y.detach() if self.detach else y
+
+
+class TraceDict(contextlib.ExitStack):
+    """Several ``Trace``s at once, indexed by module path."""
+
+    def __init__(self, model: nn.Module, paths: Sequence[str], **kw) -> None:
+        super().__init__()
+        self.traces = {p: Trace(model, p, **kw) for p in paths}
+
+    def __enter__(self) -> "TraceDict":
+        super().__enter__()
+        for t in self.traces.values():
+            self.enter_context(t)
+        return self
+
+    def __getitem__(self, path: str) -> Trace:
+        return self.traces[path]
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (nothing above it is needed)."""
+
+
+class StopAfter(Trace):
+    """A ``Trace`` that records like ``Trace`` and then ends the forward pass (``StopForward``)."""
+
+    def _hook(self, module, inputs, output):
+        super()._hook(module, inputs, output)
+        raise StopForward
+
+
+class KeyAccumulator(_Hook):
+    """Sum ``XᵀX`` of one module's input (its last dimension) over the selected positions.
+
+    ``owner.mask`` (flattened bool, or None for all positions) selects rows at each call; rows
+    are buffered and multiplied out ``FLUSH_ROWS`` at a time in fp32, the blocks summed in
+    float64 (``sum``, ``count``). With ``stop=True`` the hook ends the forward pass afterwards.
+    """
+
+    def __init__(self, model: nn.Module, path: str, owner, stop: bool = False) -> None:
+        super().__init__(get_module(model, path))
+        self.owner, self.stop = owner, stop
+        self.sum: torch.Tensor | None = None
+        self.count = 0
+        self._buf: list[torch.Tensor] = []
+        self._rows = 0
+
+    def _hook(self, module, inputs, output):
+        x = inputs[0].detach()
+        x = x.reshape(-1, x.shape[-1])
+        if self.owner.mask is not None:
+            x = x[self.owner.mask]
+        self._buf.append(x.float())
+        self._rows += x.shape[0]
+        if self._rows >= FLUSH_ROWS:
+            self.flush()
+        if self.stop:
+            raise StopForward
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        x = torch.cat(self._buf)
+        self._buf, self._rows = [], 0
+        block = (x.T @ x).double()
+        self.sum = block if self.sum is None else self.sum + block
+        self.count += x.shape[0]
+
+
+@contextlib.contextmanager
+def edit_output(model: nn.Module, path: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace ``module(path)``'s (first) output by ``fn(output)`` inside the block."""
+    module = get_module(model, path)
+
+    def hook(mod, inputs, output):
+        if isinstance(output, tuple):
+            return (fn(output[0]),) + tuple(output[1:])
+        return fn(output)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def gradient_through(model: nn.Module, param_names: Sequence[str], mask: torch.Tensor | None) -> Iterator[None]:
+    """Inside the block, the modules owning ``param_names`` use their weights only where ``mask``
+    (rows × positions × 1) is True and a detached copy of them elsewhere: the loss gradient reaches
+    those weights only through the masked positions (it still flows through every position's
+    activations). Values are unchanged. No-op when ``mask`` is None; hooks always removed."""
+    if mask is None:
+        yield
+        return
+    from torch.func import functional_call
+
+    busy: set[int] = set()
+
+    def hook(module, inputs, output):
+        if id(module) in busy:  # the frozen recomputation below calls the module again
+            return None
+        busy.add(id(module))
+        try:
+            frozen = functional_call(module, {n: p.detach() for n, p in module.named_parameters(recurse=False)},
+                                     inputs)
+        finally:
+            busy.discard(id(module))
+        return torch.where(mask, output, frozen)
+
+    handles = []
+    try:
+        for name in dict.fromkeys(n.rsplit(".", 1)[0] for n in param_names):
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class LogitsAt(contextlib.AbstractContextManager):
+    """The output embedding (LM head) sees only the hidden states at ``index`` (rows × P
+    positions), so the logits are rows × P × vocabulary instead of rows × length × vocabulary.
+    The head is most of a small model's cost per token (SmolLM2-135M: 49k × 576 of its 135M
+    parameters). ``handle`` stays None when there is nothing to hook (no ``index``, or no
+    separate output embedding): the caller then selects the positions from the full logits."""
+
+    def __init__(self, model: nn.Module, index: torch.Tensor | None) -> None:
+        self.model, self.index, self.handle = model, index, None
+
+    def __enter__(self) -> "LogitsAt":
+        head = self.model.get_output_embeddings() if self.index is not None else None
+        if head is not None:
+            idx = self.index
+
+            def pre(module, args):
+                h = args[0]
+                return (h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])),) + tuple(args[1:])
+
+            self.handle = head.register_forward_pre_hook(pre)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
