@@ -16,8 +16,6 @@ method state such as AlphaEdit's edited keys; they never touch the model.
 from __future__ import annotations
 
 import json
-import math
-import operator
 from dataclasses import dataclass, field
 from typing import Container, Iterable, Mapping
 
@@ -27,56 +25,11 @@ from safetensors.torch import save as st_save
 
 from kledger.ledger.canonical import sha256_hex
 from kledger.ledger.errors import IntegrityError, NumericalError, UsageError
+from kledger.ledger.kinds import (  # noqa: F401  (the kinds are part of this module's API)
+    KIND_OF, KINDS, DenseDelta, LowRankDelta, SparseDelta, TensorDelta, intersect, sum_deltas,
+)
 
 FORMAT_VERSION = "1"
-
-
-@dataclass(frozen=True)
-class SparseDelta:
-    shape: tuple[int, ...]
-    indices: torch.Tensor  # int64, flat, unique
-    values: torch.Tensor  # float32
-
-    kind = "sparse"
-
-    def to_dense(self) -> torch.Tensor:
-        out = torch.zeros(math.prod(self.shape), dtype=torch.float32, device=self.values.device)
-        out.index_add_(0, self.indices.to(out.device), self.values.float())
-        return out.view(self.shape)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.indices.numel())
-
-
-@dataclass(frozen=True)
-class LowRankDelta:
-    shape: tuple[int, int]
-    u: torch.Tensor  # rows × r
-    v: torch.Tensor  # cols × r
-
-    kind = "lowrank"
-
-    def to_dense(self) -> torch.Tensor:
-        return self.u.float() @ self.v.float().T
-
-    @property
-    def rank(self) -> int:
-        return int(self.u.shape[1])
-
-
-@dataclass(frozen=True)
-class DenseDelta:
-    shape: tuple[int, ...]
-    values: torch.Tensor
-
-    kind = "dense"
-
-    def to_dense(self) -> torch.Tensor:
-        return self.values.float()
-
-
-TensorDelta = SparseDelta | LowRankDelta | DenseDelta
 
 
 @dataclass(frozen=True)
@@ -88,21 +41,15 @@ class Delta:
 
     def __post_init__(self) -> None:
         for name, td in self.tensors.items():
-            _validate(name, td)
+            if not isinstance(td, KINDS):
+                raise UsageError(f"{name}: expected a SparseDelta, LowRankDelta or DenseDelta, found {type(td).__name__}")
+            td.validate(name)
 
     # --- introspection -------------------------------------------------------------------
     def summary(self) -> dict:
-        """JSON-able description: per tensor its format, shape and size (nnz or rank)."""
-        out = {}
-        for name, td in sorted(self.tensors.items()):
-            d = {"format": td.kind, "shape": list(td.shape)}
-            if isinstance(td, SparseDelta):
-                d["nnz"] = td.nnz
-            elif isinstance(td, LowRankDelta):
-                d["rank"] = td.rank
-            d["fro_norm"] = float(torch.linalg.vector_norm(td.to_dense()).item())
-            out[name] = d
-        return out
+        """JSON-able description: per tensor its format, shape, size (nnz or rank) and norm."""
+        return {name: {"format": td.kind, "shape": list(td.shape), **td.size(), "fro_norm": td.fro_norm()}
+                for name, td in sorted(self.tensors.items())}
 
     # --- serialisation -------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -112,14 +59,7 @@ class Delta:
             if "::" in name:
                 raise UsageError(f"parameter names must not contain '::', found {name!r}")
             meta[name] = {"format": td.kind, "shape": list(td.shape)}
-            if isinstance(td, SparseDelta):
-                tensors[f"{name}::indices"] = td.indices.detach().to("cpu", torch.int64).contiguous()
-                tensors[f"{name}::values"] = td.values.detach().to("cpu", torch.float32).contiguous()
-            elif isinstance(td, LowRankDelta):
-                tensors[f"{name}::u"] = td.u.detach().to("cpu", torch.float32).contiguous()
-                tensors[f"{name}::v"] = td.v.detach().to("cpu", torch.float32).contiguous()
-            else:
-                tensors[f"{name}::dense"] = td.values.detach().to("cpu", torch.float32).contiguous()
+            tensors.update(td.to_tensors(name))
         for key, t in sorted(self.state.items()):
             tensors[f"state::{key}"] = t.detach().cpu().contiguous()
         # safetensors refuses tensors that share memory (e.g. u is v for a symmetric update)
@@ -157,15 +97,10 @@ class Delta:
             for name, m in meta.items():
                 if not isinstance(m, dict) or "format" not in m or not isinstance(m.get("shape"), list):
                     raise IntegrityError(f"expected {{format, shape}} metadata for {name}, found {m!r}")
-                shape = tuple(int(s) for s in m["shape"])
-                if m["format"] == "sparse":
-                    tensors[name] = SparseDelta(shape, raw[f"{name}::indices"], raw[f"{name}::values"])
-                elif m["format"] == "lowrank":
-                    tensors[name] = LowRankDelta(shape, raw[f"{name}::u"], raw[f"{name}::v"])  # type: ignore[arg-type]
-                elif m["format"] == "dense":
-                    tensors[name] = DenseDelta(shape, raw[f"{name}::dense"])
-                else:
+                kind = KIND_OF.get(m["format"])
+                if kind is None:
                     raise IntegrityError(f"unknown delta format {m['format']!r} for {name}")
+                tensors[name] = kind.from_tensors(name, tuple(int(s) for s in m["shape"]), raw)
             state = {k[len("state::"):]: v for k, v in raw.items() if k.startswith("state::")}
             # validation (shapes, index ranges, NaN/Inf) runs in the constructor: a stored object
             # that fails it is corrupt, so it is reported as an integrity error like any other
@@ -177,15 +112,7 @@ class Delta:
 
     # --- algebra -------------------------------------------------------------------------
     def scaled(self, factor: float) -> "Delta":
-        out: dict[str, TensorDelta] = {}
-        for name, td in self.tensors.items():
-            if isinstance(td, SparseDelta):
-                out[name] = SparseDelta(td.shape, td.indices, td.values * factor)
-            elif isinstance(td, LowRankDelta):
-                out[name] = LowRankDelta(td.shape, td.u * factor, td.v)
-            else:
-                out[name] = DenseDelta(td.shape, td.values * factor)
-        return Delta(out, dict(self.state))
+        return Delta({name: td.scaled(factor) for name, td in self.tensors.items()}, dict(self.state))
 
 
 def _canonical_header(data: bytes) -> bytes:
@@ -206,45 +133,6 @@ def _read_metadata(data: bytes) -> dict:
     return read_header(data)[0].get("__metadata__") or {}
 
 
-def _validate(name: str, td: TensorDelta) -> None:
-    if isinstance(td, (SparseDelta, LowRankDelta, DenseDelta)):
-        try:
-            dims = [operator.index(s) for s in td.shape]
-        except TypeError:
-            dims = [-1]
-        if any(s < 0 for s in dims):
-            raise UsageError(f"{name}: expected a shape of non-negative ints, found {td.shape!r}")
-    if isinstance(td, SparseDelta):
-        if td.indices.ndim != 1 or td.values.ndim != 1 or td.indices.numel() != td.values.numel():
-            raise UsageError(
-                f"{name}: expected 1-D indices and values of equal length, found"
-                f" {tuple(td.indices.shape)} and {tuple(td.values.shape)}"
-            )
-        if td.indices.dtype != torch.int64:
-            raise UsageError(f"{name}: expected int64 indices, found {td.indices.dtype}")
-        n = math.prod(td.shape)
-        if td.indices.numel() and (int(td.indices.min()) < 0 or int(td.indices.max()) >= n):
-            raise UsageError(f"{name}: expected indices in [0, {n}), found out-of-range entries")
-        values = td.values
-    elif isinstance(td, LowRankDelta):
-        if len(td.shape) != 2 or td.u.ndim != 2 or td.v.ndim != 2:
-            raise UsageError(f"{name}: low-rank deltas need a 2-D shape and 2-D factors")
-        if td.u.shape[0] != td.shape[0] or td.v.shape[0] != td.shape[1] or td.u.shape[1] != td.v.shape[1]:
-            raise UsageError(
-                f"{name}: expected u {td.shape[0]}×r and v {td.shape[1]}×r, found"
-                f" {tuple(td.u.shape)} and {tuple(td.v.shape)}"
-            )
-        values = torch.cat([td.u.reshape(-1), td.v.reshape(-1)])
-    elif isinstance(td, DenseDelta):
-        if tuple(td.values.shape) != tuple(td.shape):
-            raise UsageError(f"{name}: expected dense values of shape {td.shape}, found {tuple(td.values.shape)}")
-        values = td.values
-    else:
-        raise UsageError(f"{name}: expected a SparseDelta, LowRankDelta or DenseDelta, found {type(td).__name__}")
-    if values.numel() and not bool(torch.isfinite(values).all()):
-        raise NumericalError(f"{name}: delta contains NaN or Inf values; nothing was recorded")
-
-
 def accumulate(
     params: Mapping[str, torch.Tensor], deltas: Iterable[Delta], signs: Iterable[float] | None = None,
     owned: Container[str] = (),
@@ -259,7 +147,7 @@ def accumulate(
     """
     deltas = list(deltas)
     signs = [1.0] * len(deltas) if signs is None else list(signs)
-    groups: dict[str, dict[str, list]] = {}
+    groups: dict[str, dict[type, list]] = {}
     for delta, sign in zip(deltas, signs):
         for name, td in delta.tensors.items():
             if name in params and tuple(td.shape) != tuple(params[name].shape):
@@ -267,40 +155,18 @@ def accumulate(
                     f"{name}: expected a delta of the tensor's shape {tuple(params[name].shape)}, found"
                     f" {td.kind} of shape {tuple(td.shape)}"
                 )
-            g = groups.setdefault(name, {"sparse_i": [], "sparse_v": [], "u": [], "v": [], "dense": []})
-            if isinstance(td, SparseDelta):
-                g["sparse_i"].append(td.indices)
-                g["sparse_v"].append(td.values.float() * sign if sign != 1.0 else td.values.float())
-            elif isinstance(td, LowRankDelta):
-                g["u"].append(td.u.float() * sign if sign != 1.0 else td.u.float())
-                g["v"].append(td.v.float())
-            else:
-                g["dense"].append(td.values.float() * sign if sign != 1.0 else td.values.float())
+            groups.setdefault(name, {}).setdefault(type(td), []).append((td, sign))
     out: dict[str, torch.Tensor] = {}
-    for name, g in groups.items():
+    for name, by_kind in groups.items():
         if name not in params:
             raise UsageError(f"delta names parameter {name!r}, which the model does not have")
         base = params[name]
-        dev = base.device
         if name in owned and base.dtype == torch.float32:
             acc = base.detach()
         else:
             acc = base.detach().to(torch.float32).clone()
-        shape = tuple(acc.shape)
-        flat = acc.view(-1)
-        if g["sparse_i"]:
-            idx = torch.cat([i.to(dev) for i in g["sparse_i"]])
-            val = torch.cat([v.to(dev) for v in g["sparse_v"]])
-            flat.index_add_(0, idx, val)
-        if g["u"]:
-            u = torch.cat([x.to(dev) for x in g["u"]], dim=1)
-            v = torch.cat([x.to(dev) for x in g["v"]], dim=1)
-            if (u.shape[0], v.shape[0]) != shape:
-                raise UsageError(f"{name}: low-rank delta of shape {(u.shape[0], v.shape[0])} for a tensor of shape {shape}")
-            acc.addmm_(u, v.T)
-        for d in g["dense"]:
-            if tuple(d.shape) != shape:
-                raise UsageError(f"{name}: dense delta of shape {tuple(d.shape)} for a tensor of shape {shape}")
-            acc.add_(d.to(dev))
+        for kind in KINDS:  # a fixed order: the same sums bit for bit whatever order deltas come in
+            if kind in by_kind:
+                kind.add_into(acc, by_kind[kind])
         out[name] = acc
     return out

@@ -61,7 +61,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from kledger.ledger.deltas import DenseDelta, Delta, LowRankDelta, SparseDelta, TensorDelta
+from kledger.ledger.deltas import Delta, LowRankDelta, SparseDelta, TensorDelta, intersect, sum_deltas
 from kledger.ledger.errors import UsageError
 from kledger.ledger.records import Event
 from kledger.ledger.store import Ledger
@@ -278,13 +278,7 @@ def analyse(plan: MergePlan, load: Callable[[Event], Delta], max_pairs: int = MA
     if len(pairs) > max_pairs:
         plan.notes.append(f"{len(pairs)} edit pairs share tensors; pairwise analysis skipped above {max_pairs}")
         return
-    _MEMO.append(True)
-    try:
-        _analyse_pairs(plan, pairs, do, dt)
-    finally:
-        _MEMO.pop()
-        if not _MEMO:
-            _COALESCED.clear()
+    _analyse_pairs(plan, pairs, do, dt)
 
 
 def _analyse_pairs(plan: MergePlan, pairs: dict, do: dict, dt: dict) -> None:
@@ -305,9 +299,9 @@ def _analyse_pairs(plan: MergePlan, pairs: dict, do: dict, dt: dict) -> None:
                     ov += 1
                     plan.overlaps.append({"ours": oid, "theirs": tid, "tensor": name, "shared_entries": n_shared,
                                           "opposite_sign": n_opp})
-            ab += _inner(ta, tb)
-            aa += _inner(ta, ta)
-            bb += _inner(tb, tb)
+            ab += ta.inner(tb)
+            aa += ta.inner(ta)
+            bb += tb.inner(tb)
             for keys_of, own, other, sink in ((a, ta, tb, row_a), (b, tb, ta, row_b)):
                 k, how = edit_keys(keys_of, name, own)
                 if k is None:
@@ -329,71 +323,13 @@ def _analyse_pairs(plan: MergePlan, pairs: dict, do: dict, dt: dict) -> None:
 
 
 def _sparse_overlap(a: SparseDelta, b: SparseDelta) -> tuple[int, int]:
-    ia, va = _coalesce(a)
-    ib, vb = _coalesce(b)
-    common, pa, pb = _intersect(ia, ib)
+    ia, va = a.coalesced
+    ib, vb = b.coalesced
+    common, pa, pb = intersect(ia, ib)
     if common.numel() == 0:
         return 0, 0
     opp = int(((torch.sign(va[pa]) * torch.sign(vb[pb])) < 0).sum())
     return int(common.numel()), opp
-
-
-_COALESCED: dict[int, tuple[SparseDelta, torch.Tensor, torch.Tensor]] = {}
-
-
-def _coalesce(td: SparseDelta) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique indices and summed values (memoised while ``analyse`` runs)."""
-    hit = _COALESCED.get(id(td))
-    if hit is not None and hit[0] is td:
-        return hit[1], hit[2]
-    idx, vals = _coalesce_now(td)
-    if _MEMO:
-        _COALESCED[id(td)] = (td, idx, vals)
-    return idx, vals
-
-
-_MEMO: list[bool] = []
-
-
-def _coalesce_now(td: SparseDelta) -> tuple[torch.Tensor, torch.Tensor]:
-    idx, inv = torch.unique(td.indices, sorted=True, return_inverse=True)
-    vals = torch.zeros(idx.numel(), dtype=torch.float32)
-    vals.index_add_(0, inv, td.values.float())
-    return idx, vals
-
-
-def _intersect(ia: torch.Tensor, ib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Common values of two sorted unique index tensors, and their positions in each."""
-    if ia.numel() == 0 or ib.numel() == 0:
-        e = torch.zeros(0, dtype=torch.int64)
-        return e, e, e
-    pos = torch.searchsorted(ib, ia).clamp(max=ib.numel() - 1)
-    hit = ib[pos] == ia
-    pa = torch.nonzero(hit).flatten()
-    return ia[pa], pa, pos[pa]
-
-
-def _inner(a: TensorDelta, b: TensorDelta) -> float:
-    """⟨Δa, Δb⟩ (Frobenius) without densifying where the formats allow."""
-    if isinstance(a, SparseDelta) and isinstance(b, SparseDelta):
-        ia, va = _coalesce(a)
-        ib, vb = _coalesce(b)
-        _, pa, pb = _intersect(ia, ib)
-        return float((va[pa] * vb[pb]).sum())
-    if isinstance(a, LowRankDelta) and isinstance(b, LowRankDelta):
-        return float(((a.u.float().T @ b.u.float()) * (a.v.float().T @ b.v.float())).sum())
-    if isinstance(b, SparseDelta) and not isinstance(a, SparseDelta):
-        a, b = b, a
-    if isinstance(a, SparseDelta):
-        ia, va = _coalesce(a)
-        cols = a.shape[-1] if len(a.shape) > 1 else 1
-        if isinstance(b, LowRankDelta):
-            r, c = ia // cols, ia % cols
-            w = (b.u.float()[r] * b.v.float()[c]).sum(1)
-        else:
-            w = b.to_dense().reshape(-1)[ia]
-        return float((va * w).sum())
-    return float((a.to_dense() * b.to_dense()).sum())
 
 
 def edit_keys(delta: Delta, name: str, td: TensorDelta) -> tuple[torch.Tensor | None, str]:
@@ -433,23 +369,7 @@ def edit_keys(delta: Delta, name: str, td: TensorDelta) -> tuple[torch.Tensor | 
 
 def _apply(td: TensorDelta, k: torch.Tensor) -> torch.Tensor:
     """Δ applied to keys on its input side: Δ @ K when K has ``shape[1]`` rows, else Δᵀ @ K."""
-    rows, cols = td.shape
-    transpose = k.shape[0] != cols
-    if isinstance(td, LowRankDelta):
-        u, v = td.u.float(), td.v.float()
-        return v @ (u.T @ k) if transpose else u @ (v.T @ k)
-    if isinstance(td, SparseDelta):
-        r, c = td.indices // cols, td.indices % cols
-        vals = td.values.float()[:, None]
-        if transpose:
-            out = torch.zeros(cols, k.shape[1])
-            out.index_add_(0, c, vals * k[r])
-        else:
-            out = torch.zeros(rows, k.shape[1])
-            out.index_add_(0, r, vals * k[c])
-        return out
-    d = td.to_dense()
-    return d.T @ k if transpose else d @ k
+    return td.mv(k, transpose=k.shape[0] != td.shape[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,9 +385,7 @@ def _side_vectors(deltas: Iterable[Delta]) -> dict[str, tuple[tuple[int, ...], t
     out = {}
     for name, tds in parts.items():
         shape = tds[0].shape
-        cat = SparseDelta(shape, torch.cat([t.indices for t in tds]), torch.cat([t.values.float() for t in tds]))
-        idx, vals = _coalesce(cat)
-        out[name] = (shape, idx, vals)
+        out[name] = (shape, *SparseDelta.sum_of(shape, tds).coalesced)
     return out
 
 
@@ -498,7 +416,7 @@ def ties_correction(ours: Sequence[Delta], theirs: Sequence[Delta], density: flo
     for name in sorted(set(vo) & set(vt)):
         shape, io, xo = vo[name]
         _, it, xt = vt[name]
-        common, po, pt = _intersect(io, it)
+        common, po, pt = intersect(io, it)
         if common.numel() == 0:
             continue
         a, b = xo[po], xt[pt]
@@ -534,22 +452,7 @@ def combine(deltas: Sequence[Delta]) -> Delta:
     for d in deltas:
         for name, td in d.tensors.items():
             groups.setdefault(name, []).append(td)
-    out: dict[str, TensorDelta] = {}
-    for name, tds in groups.items():
-        kinds = {type(t) for t in tds}
-        shape = tds[0].shape
-        if kinds == {SparseDelta}:
-            idx, vals = _coalesce(SparseDelta(shape, torch.cat([t.indices for t in tds]),
-                                              torch.cat([t.values.float() for t in tds])))
-            out[name] = SparseDelta(shape, idx, vals)
-        elif kinds == {LowRankDelta}:
-            out[name] = LowRankDelta(shape, torch.cat([t.u.float() for t in tds], 1),  # type: ignore[arg-type]
-                                     torch.cat([t.v.float() for t in tds], 1))
-        else:
-            acc = torch.zeros(shape, dtype=torch.float32)
-            for t in tds:
-                acc += t.to_dense()
-            out[name] = DenseDelta(shape, acc)
+    out = {name: sum_deltas(tds[0].shape, tds) for name, tds in groups.items()}
     state: dict[str, torch.Tensor] = {}
     for d in deltas:
         for k, t in d.state.items():

@@ -21,7 +21,7 @@ from kledger.editors.sites import sites_for
 from kledger import audit as A
 from kledger.ledger.compose import materialise
 from kledger.ledger.deltas import Delta, DenseDelta, LowRankDelta, SparseDelta
-from kledger.audit.drift import DriftTracker, delta_fro, top_singular_value
+from kledger.audit.drift import DriftTracker, top_singular_value
 from kledger.audit.probes import ProbeSet, build_probes, latest_probes_event, load_probes
 from kledger.ledger.records import FactRequest
 from kledger.ledger.store import Ledger
@@ -94,7 +94,7 @@ def test_delta_fro_of_every_format_equals_dense_norm():
     u, v = torch.randn(6, 2, generator=g), torch.randn(5, 2, generator=g)
     sp = SparseDelta((6, 5), torch.tensor([0, 7, 29]), torch.tensor([1.0, -2.0, 0.5]))
     for td in (LowRankDelta((6, 5), u, v), sp, DenseDelta((6, 5), torch.randn(6, 5, generator=g))):
-        assert delta_fro(td) == pytest.approx(float(td.to_dense().norm()), rel=1e-5)
+        assert td.fro_norm() == pytest.approx(float(td.to_dense().norm()), rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "sparse", "dense"])

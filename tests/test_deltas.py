@@ -362,3 +362,32 @@ def test_accumulate_plus_then_minus_cancels():
     got = accumulate({"w": base}, [d, d], [1.0, -1.0])["w"]
     assert torch.allclose(got, base, atol=1e-6)
     assert not torch.equal(accumulate({"w": base}, [d])["w"], base)
+
+
+def test_every_kind_carries_its_arithmetic():
+    """Each kind's own norm, scaling, products and ``cross`` equal the dense computation."""
+    from kledger.ledger.kinds import sum_deltas
+
+    g = torch.Generator().manual_seed(7)
+    shape = (6, 5)
+    tds = [SparseDelta(shape, torch.tensor([0, 7, 29, 7]), torch.randn(4, generator=g)),  # a repeated index
+           LowRankDelta(shape, torch.randn(6, 2, generator=g), torch.randn(5, 2, generator=g)),
+           DenseDelta(shape, torch.randn(*shape, generator=g))]
+    w, w0 = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    k_in, k_out = torch.randn(5, 3, generator=g), torch.randn(6, 3, generator=g)
+    for a in tds:
+        da = a.to_dense()
+        assert a.fro_norm() == pytest.approx(float(da.norm()), rel=1e-5)
+        torch.testing.assert_close(a.scaled(-2.5).to_dense(), -2.5 * da)
+        torch.testing.assert_close(a.mv(k_in), da @ k_in, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.mv(k_out, transpose=True), da.T @ k_out, atol=1e-5, rtol=1e-5)
+        cross = a.cross(w, w0)
+        if cross is not None:
+            assert cross == pytest.approx(float(((w - w0) * da).sum()), rel=1e-5, abs=1e-6)
+        flat = torch.tensor([0, 7, 12, 29])
+        torch.testing.assert_close(a.at(flat), da.reshape(-1)[flat])
+        for b in tds:
+            assert a.inner(b) == pytest.approx(float((da * b.to_dense()).sum()), rel=1e-5, abs=1e-6)
+        assert type(sum_deltas(shape, [a, a])) is type(a)
+        torch.testing.assert_close(sum_deltas(shape, [a, a]).to_dense(), 2 * da, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sum_deltas(shape, tds).to_dense(), sum(t.to_dense() for t in tds), atol=1e-5, rtol=1e-5)
