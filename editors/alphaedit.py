@@ -114,7 +114,7 @@ class AlphaEditSolver(Solver):
                     history_events=len(ctx.history.get("states") or []))
 
     def solve(self, layer: int, K: torch.Tensor) -> torch.Tensor:
-        return alphaedit_solve(K, self.P[layer], self.H[layer], self.cfg.l2)
+        return alphaedit_solve(K, self.P[layer], self.H[layer], self.cfg.l2 + self.cfg.norm_penalty)
 
     def state(self, layer: int, K: torch.Tensor) -> dict[str, torch.Tensor]:
         return {f"keys.{layer}": K.float().contiguous()}

@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 
 from kledger.editors.base import EditContext, EditResult, preserved
-from kledger.editors.tokens import encode_pairs
+from kledger.editors.tokens import encode_pairs, pad, pad_id
 from kledger.editors.sites import Sites, get_module, num_layers, sites_for
 from kledger.editors.hooks import StopAfter, StopForward, Trace, edit_output
 from kledger.editors.stats import banned_ids, key_covariances, sample_continuations
@@ -98,6 +98,11 @@ class LocateConfig:
     stats_seq_len: int = 64  # window / sampled sequence length of the statistics corpus
     blue: bool = False  # BLUE: edit only the first and last critical layers, each with its own z
     split_batch: bool = True  # one EditResult (rank-1 share per layer) per request
+    # --- norm control for long sequences (bench/lifelong.py; bench/results/lifelong.md) ---------
+    mpes_steps: int = -1  # ENCORE's MPES: stop v* this many steps after the target is top-1 (-1: off)
+    norm_penalty: float = 0.0  # ENCORE: ρ·‖ΔW‖²_F in the closed form (ρ I beside λ C0 / α I)
+    norm_anchor: bool = False  # NAS: rescale each solved z to the norm of the unedited h
+    batch_templates: bool = True  # one padded forward pass for every template of v* (else one per template)
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list):
@@ -113,6 +118,8 @@ class LocateConfig:
                 raise ValueError(f"{name} must be ≥ 0, found {getattr(self, name)}")
         if self.v_steps < 1 or self.n_prefixes < 0 or self.prefix_tokens < 1:
             raise ValueError("v_steps and prefix_tokens must be ≥ 1 and n_prefixes ≥ 0")
+        if self.mpes_steps < -1 or self.norm_penalty < 0:
+            raise ValueError(f"mpes_steps must be ≥ -1 and norm_penalty ≥ 0, found {self.mpes_steps}, {self.norm_penalty}")
         if self.stats_tokens < 1 or self.stats_seq_len < 2:
             raise ValueError("stats_tokens must be ≥ 1 and stats_seq_len ≥ 2")
 
@@ -166,20 +173,6 @@ def _fill(template: str, prompt: str) -> tuple[str, int]:
     return template[:start] + prompt + template[start + 2 :], start
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-
 def context_templates(model: nn.Module, tok, n: int, length: int, seed: int) -> list[str]:
     """``["{}"] + [f"{prefix}. {{}}"]``: n prefixes of ``length`` sampled tokens (top-5, fixed seed)."""
     templates = ["{}"]
@@ -225,7 +218,7 @@ def keys_and_outputs(model: nn.Module, tok, sites: Sites, requests: Sequence[Fac
     keys: dict[int, list[torch.Tensor]] = {l: [] for l in key_layers}
     outs: list[torch.Tensor] = []
     for c in range(0, len(texts), rows_per_pass):
-        ids, mask = _pad(texts[c : c + rows_per_pass], _pad_id(tok), dev)
+        ids, mask = pad(texts[c : c + rows_per_pass], pad_id(tok), dev)
         rows = torch.arange(ids.shape[0], device=dev)
         pos = torch.tensor(idxs[c : c + rows_per_pass], device=dev)
         with contextlib.ExitStack() as stack:
@@ -260,6 +253,7 @@ class ZInfo:
     nll: list[float] = field(default_factory=list)  # per request: last NLL
     delta_norm: list[float] = field(default_factory=list)
     h_norm: list[float] = field(default_factory=list)
+    top1: list[bool] = field(default_factory=list)  # per request: the target became top-1 on every template
 
     def for_request(self, i: int) -> dict[str, Any]:
         traj = self.losses[i]
@@ -301,6 +295,95 @@ def _expand_cache(model: nn.Module, kv, batch: int):
                         config=model.config)
 
 
+def _passes(model, tok, rows, n: int, m: int, batched: bool, prefix_cache: bool) -> list[tuple[list[tuple[int, int]], int, Any]]:
+    """The forward passes of one v* step: ``(cells, prefix length, prefix KV cache)`` where each
+    cell ``(i, j)`` is request i's row for template j (j = m: the KL row). Batched: one pass of
+    every cell, no prefix cache. Otherwise one pass per template, the tokens all its rows share
+    before the first δ position run once into a KV cache."""
+    if batched:
+        return [([(i, j) for i in range(n) for j in range(m + 1)], 0, None)]
+    out = []
+    for j in range(m + 1):
+        grp = [rows[i][j] for i in range(n)]
+        P, kv = 0, None
+        if prefix_cache:
+            p = min(r.idx for r in grp)  # every δ position stays outside the cache
+            first = grp[0].ids
+            for r in grp[1:]:
+                k = 0
+                while k < min(p, len(r.ids)) and r.ids[k] == first[k]:
+                    k += 1
+                p = k
+            if p >= 2:
+                kv = _prefix_kv(model, first[:p])
+                if kv is not None:
+                    P = p
+        out.append(([(i, j) for i in range(n)], P, kv if P else None))
+    return out
+
+
+def _step_losses(model, tok, sites: Sites, layer: int, rows, passes, active: list[int], leaf: torch.Tensor,
+                 h0: torch.Tensor, capture: bool, m: int):
+    """Run one v* step's forward passes: per active request its mean target NLL (over templates),
+    its KL row's log-probs, and whether every target token of every template is the argmax."""
+    dev = next(model.parameters()).device
+    lm_head = get_module(model, sites.lm_head)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    live = set(active)
+    vecs, targets, owners = [], [], []  # gathered final-norm vectors; target id (-1: KL); (request, kind, template)
+    for cells, P, kv in passes:
+        batch = [(i, rows[i][j], j) for i, j in cells if i in live]
+        if not batch:
+            continue
+        ids, mask = pad([r.ids[P:] for _, r, _ in batch], pad_id(tok), dev)
+        B = len(batch)
+        b_rows = torch.arange(B, device=dev)
+        b_idx = torch.tensor([r.idx - P for _, r, _ in batch], device=dev)
+        b_req = torch.tensor([i for i, _, _ in batch], device=dev)
+        b_raw = torch.tensor([j == 0 for _, _, j in batch], device=dev)  # raw prompt rows: h = block output
+
+        def add_delta(h: torch.Tensor) -> torch.Tensor:
+            if capture:
+                sel = b_raw.nonzero()[:, 0]
+                h0[b_req[sel]] = h[b_rows[sel], b_idx[sel]].detach().float()
+            return h.index_put((b_rows, b_idx), leaf[b_req].to(h.dtype), accumulate=True)
+
+        if P:
+            kwargs = {"past_key_values": _expand_cache(model, kv, B), "use_cache": True}
+            mask = torch.cat([torch.ones(B, P, dtype=mask.dtype, device=dev), mask], dim=1)
+        else:
+            kwargs = {"use_cache": False}
+        with edit_output(model, sites.layer.format(layer), add_delta), \
+                Trace(model, sites.final_norm, detach=False) as fn:
+            model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **kwargs)
+        g_row, g_pos = [], []
+        for q, (i, r, j) in enumerate(batch):
+            if r.span is None:
+                g_row.append(q), g_pos.append(r.idx - P), targets.append(-1), owners.append((i, "kl", j))
+            else:
+                s, e = r.span
+                for pos in range(s, e):
+                    g_row.append(q), g_pos.append(pos - 1 - P), targets.append(r.ids[pos])
+                    owners.append((i, "nll", j))
+        vecs.append(fn.output[torch.tensor(g_row, device=dev), torch.tensor(g_pos, device=dev)])
+    logits = lm_head(torch.cat(vecs)).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logp = torch.log_softmax(logits, dim=-1)
+    top = logits.argmax(-1).tolist()
+    nll_terms: dict[tuple[int, int], list[torch.Tensor]] = {}
+    kl_rows: dict[int, torch.Tensor] = {}
+    hit = {i: True for i in active}
+    for q, ((i, kind, j), t) in enumerate(zip(owners, targets)):
+        if kind == "nll":
+            nll_terms.setdefault((i, j), []).append(-logp[q, t])
+            hit[i] = hit[i] and top[q] == t
+        else:
+            kl_rows[i] = logp[q]
+    nll = {i: torch.stack([torch.stack(nll_terms[(i, j)]).mean() for j in range(m)]).mean() for i in active}
+    return nll, kl_rows, hit
+
+
 def compute_z(model: nn.Module, tok, sites: Sites, layer: int, requests: Sequence[FactRequest],
               templates: Sequence[str], cfg: LocateConfig, prefix_cache: bool = True) -> tuple[torch.Tensor, ZInfo]:
     """Target vectors ``Z`` (d×n, float64) at block ``layer``'s output, and per-request traces.
@@ -314,33 +397,21 @@ def compute_z(model: nn.Module, tok, sites: Sites, layer: int, requests: Sequenc
     but on SmolLM2-135M the KL term alone stays at 0.05–0.1 once the target is learnt, so the total
     never fell below 0.05 and every request ran all steps). Finished requests leave the batch.
 
-    With ``prefix_cache`` the tokens that every row of a template shares and that come before the
-    first δ position (the sampled context prefix) are run once into a KV cache, and each step only
-    runs the rest; this gives the same loss (up to float rounding; tested) for about 40 % less work.
+    MPES (``cfg.mpes_steps`` ≥ 0, ENCORE): a request also stops ``mpes_steps`` updates after the
+    first evaluation at which every target token of every template is the argmax. NAS
+    (``cfg.norm_anchor``): ``z`` is rescaled to ``‖h‖``, the unedited vector's norm.
+
+    ``cfg.batch_templates``: every template's rows of every request run as one padded batch per
+    step (as EasyEdit does); otherwise one pass per template, with the tokens all its rows share
+    before the first δ position run once into a KV cache (``prefix_cache``). Both give the same
+    losses up to float rounding (tested).
     """
     dev = next(model.parameters()).device
-    lm_head = get_module(model, sites.lm_head)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     w = model.get_parameter(sites.mlp_out_param(layer))
     d = w.shape[1] if sites.mlp_out_transposed else w.shape[0]
     n, m = len(requests), len(templates)
     rows = [_z_rows(tok, r, templates) for r in requests]  # per request: m template rows + 1 KL row
-    # groups of rows run together: one per template, and the KL rows; each with a shared prefix length
-    group_rows = [[rows[i][j] for i in range(n)] for j in range(m + 1)]
-    prefix_len, prefix_kv = [0] * (m + 1), [None] * (m + 1)
-    if prefix_cache:
-        for j, grp in enumerate(group_rows):
-            p = min(r.idx for r in grp)  # every δ position stays outside the cache
-            first = grp[0].ids
-            for r in grp[1:]:
-                k = 0
-                while k < min(p, len(r.ids)) and r.ids[k] == first[k]:
-                    k += 1
-                p = k
-            if p >= 2:
-                kv = _prefix_kv(model, first[:p])
-                if kv is not None:
-                    prefix_len[j], prefix_kv[j] = p, kv
+    passes = _passes(model, tok, rows, n, m, cfg.batch_templates, prefix_cache)
     delta = torch.zeros(n, d, device=dev, dtype=torch.float32)
     m1, m2 = torch.zeros_like(delta), torch.zeros_like(delta)
     t_adam = torch.zeros(n)
@@ -348,73 +419,31 @@ def compute_z(model: nn.Module, tok, sites: Sites, layer: int, requests: Sequenc
     init_kl: dict[int, torch.Tensor] = {}
     info = ZInfo(losses=[[] for _ in range(n)], nll=[0.0] * n)
     done = [False] * n
+    since_top1: list[int | None] = [None] * n
     b1, b2, eps = 0.9, 0.999, 1e-8
-    layer_path = sites.layer.format(layer)
     for step in range(cfg.v_steps):
         active = [i for i in range(n) if not done[i]]
         if not active:
             break
         leaf = delta.clone().requires_grad_(True)
-        vecs, targets, owners = [], [], []  # gathered final-norm vectors; target id (-1: KL); (request, kind)
         with torch.enable_grad():
-            for j in range(m + 1):
-                P = prefix_len[j]
-                batch = [(i, rows[i][j]) for i in active]
-                ids, mask = _pad([r.ids[P:] for _, r in batch], _pad_id(tok), dev)
-                B = len(batch)
-                b_rows = torch.arange(B, device=dev)
-                b_idx = torch.tensor([r.idx - P for _, r in batch], device=dev)
-                b_req = torch.tensor([i for i, _ in batch], device=dev)
-                capture = step == 0 and j == 0  # raw prompts of every request: h = block output
-
-                def add_delta(h: torch.Tensor) -> torch.Tensor:
-                    if capture:
-                        h0[b_req] = h[b_rows, b_idx].detach().float()
-                    return h.index_put((b_rows, b_idx), leaf[b_req].to(h.dtype), accumulate=True)
-
-                kwargs = {}
-                if P:
-                    kwargs = {"past_key_values": _expand_cache(model, prefix_kv[j], B), "use_cache": True}
-                    mask = torch.cat([torch.ones(B, P, dtype=mask.dtype, device=dev), mask], dim=1)
-                else:
-                    kwargs = {"use_cache": False}
-                with edit_output(model, layer_path, add_delta), Trace(model, sites.final_norm, detach=False) as fn:
-                    model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **kwargs)
-                g_row, g_pos = [], []
-                for q, (i, r) in enumerate(batch):
-                    if r.span is None:
-                        g_row.append(q), g_pos.append(r.idx - P), targets.append(-1), owners.append((i, "kl", j))
-                    else:
-                        s, e = r.span
-                        for pos in range(s, e):
-                            g_row.append(q), g_pos.append(pos - 1 - P), targets.append(r.ids[pos])
-                            owners.append((i, "nll", j))
-                vecs.append(fn.output[torch.tensor(g_row, device=dev), torch.tensor(g_pos, device=dev)])
-            logits = lm_head(torch.cat(vecs)).float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            logp = torch.log_softmax(logits, dim=-1)
-            nll_terms: dict[tuple[int, int], list[torch.Tensor]] = {}
-            kl_rows: dict[int, torch.Tensor] = {}
-            for q, ((i, kind, j), t) in enumerate(zip(owners, targets)):
-                if kind == "nll":
-                    nll_terms.setdefault((i, j), []).append(-logp[q, t])
-                else:
-                    kl_rows[i] = logp[q]
+            nll, kl_rows, hit = _step_losses(model, tok, sites, layer, rows, passes, active, leaf, h0, step == 0, m)
             losses: dict[int, torch.Tensor] = {}
             for i in active:
-                nll = torch.stack([torch.stack(nll_terms[(i, j)]).mean() for j in range(m)]).mean()
                 cur = kl_rows[i]
                 if i not in init_kl:
                     init_kl[i] = cur.detach().clone()
                 kl = (cur.exp() * (cur - init_kl[i])).sum()
                 wd = leaf[i].norm() / (h0[i].norm() ** 2)
-                losses[i] = nll + cfg.kl_factor * kl + cfg.v_weight_decay * wd
+                losses[i] = nll[i] + cfg.kl_factor * kl + cfg.v_weight_decay * wd
                 info.losses[i].append(float(losses[i].detach()))
-                info.nll[i] = float(nll.detach())
+                info.nll[i] = float(nll[i].detach())
+                if hit[i] and since_top1[i] is None:
+                    since_top1[i] = 0
             stepping = []
             for i in active:
-                if info.nll[i] < cfg.v_stop_loss:
+                mpes_done = cfg.mpes_steps >= 0 and since_top1[i] is not None and since_top1[i] >= cfg.mpes_steps
+                if info.nll[i] < cfg.v_stop_loss or mpes_done:
                     done[i] = True
                 else:
                     stepping.append(i)
@@ -422,32 +451,46 @@ def compute_z(model: nn.Module, tok, sites: Sites, layer: int, requests: Sequenc
                 break
             total = torch.stack([losses[i] for i in stepping]).sum()
             (grad,) = torch.autograd.grad(total, leaf)
-        with torch.no_grad():
-            sel = torch.tensor(stepping, device=dev)
-            g = grad[sel]
-            t_adam[stepping] += 1
-            tt = t_adam[stepping].to(dev).unsqueeze(1)
-            m1[sel] = b1 * m1[sel] + (1 - b1) * g
-            m2[sel] = b2 * m2[sel] + (1 - b2) * g * g
-            mhat = m1[sel] / (1 - b1**tt)
-            vhat = m2[sel] / (1 - b2**tt)
-            upd = delta[sel] - cfg.v_lr * mhat / (vhat.sqrt() + eps)
-            max_norm = cfg.clamp_norm_factor * h0[sel].norm(dim=1, keepdim=True)
-            norm = upd.norm(dim=1, keepdim=True)
-            upd = torch.where(norm > max_norm, upd * (max_norm / norm), upd)
-            delta[sel] = upd
+        for i in stepping:
+            if since_top1[i] is not None:
+                since_top1[i] += 1
+        _adam_step(delta, m1, m2, t_adam, grad, stepping, h0, cfg, (b1, b2, eps))
     info.delta_norm = [float(x) for x in delta.norm(dim=1)]
     info.h_norm = [float(x) for x in h0.norm(dim=1)]
-    Z = (h0 + delta).double().T.contiguous()
-    return Z, info
+    info.top1 = [since_top1[i] is not None for i in range(n)]
+    Z = h0 + delta
+    if cfg.norm_anchor:
+        Z = Z * (h0.norm(dim=1, keepdim=True) / Z.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return Z.double().T.contiguous(), info
+
+
+@torch.no_grad()
+def _adam_step(delta, m1, m2, t_adam, grad, stepping, h0, cfg: LocateConfig, betas) -> None:
+    """One Adam update of the stepping requests' δ rows, then the clamp ‖δ‖ ≤ factor·‖h‖."""
+    b1, b2, eps = betas
+    dev = delta.device
+    sel = torch.tensor(stepping, device=dev)
+    g = grad[sel]
+    t_adam[stepping] += 1
+    tt = t_adam[stepping].to(dev).unsqueeze(1)
+    m1[sel] = b1 * m1[sel] + (1 - b1) * g
+    m2[sel] = b2 * m2[sel] + (1 - b2) * g * g
+    mhat = m1[sel] / (1 - b1**tt)
+    vhat = m2[sel] / (1 - b2**tt)
+    upd = delta[sel] - cfg.v_lr * mhat / (vhat.sqrt() + eps)
+    max_norm = cfg.clamp_norm_factor * h0[sel].norm(dim=1, keepdim=True)
+    norm = upd.norm(dim=1, keepdim=True)
+    delta[sel] = torch.where(norm > max_norm, upd * (max_norm / norm), upd)
 
 
 # --- closed forms --------------------------------------------------------------------------------
-def memit_solve(K: torch.Tensor, C0: torch.Tensor, lam: float) -> torch.Tensor:
-    """``V = (λ C0 + K Kᵀ)⁻¹ K`` (float64), so that ``ΔW = R Vᵀ`` minimises
-    ``‖ΔW K − R‖² + λ·tr(ΔW C0 ΔWᵀ)``."""
+def memit_solve(K: torch.Tensor, C0: torch.Tensor, lam: float, rho: float = 0.0) -> torch.Tensor:
+    """``V = (λ C0 + K Kᵀ + ρ I)⁻¹ K`` (float64), so that ``ΔW = R Vᵀ`` minimises
+    ``‖ΔW K − R‖² + λ·tr(ΔW C0 ΔWᵀ) + ρ‖ΔW‖²_F`` (ρ: ENCORE's norm penalty)."""
     K = K.double()
     A = lam * C0.double() + K @ K.T
+    if rho:
+        A = A + rho * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     return torch.linalg.solve(A, K)
 
 

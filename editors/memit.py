@@ -59,7 +59,7 @@ class MEMITSolver(Solver):
         return desc
 
     def solve(self, layer: int, K: torch.Tensor) -> torch.Tensor:
-        return memit_solve(K, self.c0[layer], self.cfg.mom2_weight)
+        return memit_solve(K, self.c0[layer], self.cfg.mom2_weight, self.cfg.norm_penalty)
 
 
 class MEMITEditor(Editor):

@@ -16,6 +16,7 @@ EDITORS: dict[str, "str | type"] = {
     "learn": "kledger.editors.unlearn:LearnEditor",
     "memit": "kledger.editors.memit:MEMITEditor",
     "alphaedit": "kledger.editors.alphaedit:AlphaEditEditor",
+    "ultraedit": "kledger.editors.ultraedit:UltraEditEditor",
 }
 
 

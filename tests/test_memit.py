@@ -308,7 +308,7 @@ def test_prefix_cache_gives_the_same_v_star(tiny4):
     from kledger.editors.locate import LocateConfig, compute_z, context_templates
 
     model, tok, _ = tiny4
-    cfg = LocateConfig(**(FAST | {"v_steps": 4, "n_prefixes": 3, "prefix_tokens": 4}))
+    cfg = LocateConfig(**(FAST | {"v_steps": 4, "n_prefixes": 3, "prefix_tokens": 4, "batch_templates": False}))
     templates = context_templates(model, tok, cfg.n_prefixes, cfg.prefix_tokens, 0)
     sites = sites_for(model)
     for reqs in ([EIFFEL], [EIFFEL, DARRIEUX, NILE]):
@@ -317,3 +317,89 @@ def test_prefix_cache_gives_the_same_v_star(tiny4):
         torch.testing.assert_close(z1, z0, rtol=1e-4, atol=1e-4)
         for a, b in zip(i1.losses, i0.losses):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+
+
+def test_batched_templates_give_the_same_v_star(tiny4):
+    """One padded pass over every template (the default) = one pass per template (with or without
+    the prefix cache): same losses, same z."""
+    from kledger.editors.locate import LocateConfig, compute_z, context_templates
+
+    model, tok, _ = tiny4
+    base = FAST | {"v_steps": 5, "n_prefixes": 3, "prefix_tokens": 4}
+    templates = context_templates(model, tok, 3, 4, 0)
+    sites = sites_for(model)
+    reqs = [EIFFEL, DARRIEUX, NILE]
+    zb, ib = compute_z(model, tok, sites, 1, reqs, templates, LocateConfig(**(base | {"batch_templates": True})))
+    for cache in (False, True):
+        zs, is_ = compute_z(model, tok, sites, 1, reqs, templates,
+                            LocateConfig(**(base | {"batch_templates": False})), prefix_cache=cache)
+        torch.testing.assert_close(zb, zs, rtol=1e-4, atol=1e-4)
+        for a, b in zip(ib.losses, is_.losses):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+
+
+def test_mpes_stops_earlier_and_reaches_the_target(tiny4):
+    """MPES stops v* a fixed number of updates after the target became top-1 on every template:
+    fewer steps than the NLL-driven loop, a smaller δ, and the target is still the argmax."""
+    from kledger.editors.locate import LocateConfig, compute_z, context_templates
+
+    model, tok, _ = tiny4
+    base = FAST | {"v_steps": 25, "v_stop_loss": 1e-3}
+    templates = context_templates(model, tok, 2, 3, 0)
+    sites = sites_for(model)
+    # the subject ends the prompt, so δ at its last token reaches the next-token logits directly
+    reqs = [FactRequest(prompt="The Eiffel Tower", target_new="Rome", subject="Eiffel Tower"),
+            FactRequest(prompt="Alice plays piano", target_new="guitar", subject="piano")]
+    z_full, full = compute_z(model, tok, sites, 1, reqs, templates, LocateConfig(**base))
+    z_mp, mp = compute_z(model, tok, sites, 1, reqs, templates, LocateConfig(**(base | {"mpes_steps": 1})))
+    assert all(mp.top1), mp.top1
+    for i in range(len(reqs)):
+        assert len(mp.losses[i]) < len(full.losses[i])
+        assert mp.delta_norm[i] < full.delta_norm[i]
+    # the stopped z still makes the target the top token at the final layer (raw prompt)
+    from kledger.editors.hooks import edit_output
+    from kledger.editors.tokens import encode_pairs
+
+    for i, r in enumerate(reqs):
+        idx = subject_last_index(tok, r.prompt, r.subject)
+        enc, [(p_len, _)] = encode_pairs(tok, [r.prompt], [r.target_new], "cpu")
+        ids = enc["input_ids"]
+        z = z_mp[:, i].float()
+
+        def put(h, z=z, idx=idx):
+            h = h.clone()
+            h[0, idx] = z
+            return h
+
+        with torch.no_grad(), edit_output(model, sites.layer.format(1), put):
+            logits = model(input_ids=ids).logits
+        assert int(logits[0, p_len - 1].argmax()) == int(ids[0, p_len])
+
+
+def test_norm_anchor_keeps_the_unedited_norm(tiny4):
+    from kledger.editors.locate import LocateConfig, compute_z, context_templates
+
+    model, tok, _ = tiny4
+    templates = context_templates(model, tok, 2, 3, 0)
+    z, info = compute_z(model, tok, sites_for(model), 1, [EIFFEL, NILE], templates,
+                        LocateConfig(**(FAST | {"norm_anchor": True})))
+    torch.testing.assert_close(z.norm(dim=0).float(), torch.tensor(info.h_norm), rtol=1e-5, atol=1e-5)
+
+
+def test_norm_penalty_shrinks_the_update_monotonically():
+    """ENCORE's ρ‖ΔW‖²_F: ‖R Vᵀ‖ falls as ρ grows, and ρ = 0 is the plain MEMIT solve (vs lstsq)."""
+    g = torch.Generator().manual_seed(0)
+    K = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    X = torch.randn(12, 40, generator=g, dtype=torch.float64)
+    C0 = X @ X.T / 40
+    R = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    norms = [float((R @ memit_solve(K, C0, 0.5, rho).T).norm()) for rho in (0.0, 0.1, 1.0, 10.0, 100.0)]
+    assert all(a > b for a, b in zip(norms, norms[1:])), norms
+    # reference: ΔW minimises ‖ΔW K − R‖² + λ tr(ΔW C0 ΔWᵀ) + ρ‖ΔW‖² (normal equations via lstsq)
+    lam, rho = 0.5, 10.0
+    A = lam * C0 + rho * torch.eye(12, dtype=torch.float64)
+    L = torch.linalg.cholesky(A)
+    big = torch.cat([K.T, L.T])  # rows: keys, then the penalty's square root
+    rhs = torch.cat([R.T, torch.zeros(12, 7, dtype=torch.float64)])
+    ref = torch.linalg.lstsq(big, rhs).solution.T
+    torch.testing.assert_close(R @ memit_solve(K, C0, lam, rho).T, ref, rtol=1e-8, atol=1e-8)

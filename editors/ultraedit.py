@@ -1,0 +1,372 @@
+"""UltraEdit — training-, subject- and memory-free lifelong editing (Gu et al., arXiv 2505.14679).
+
+No covariance statistics and no v* optimisation. Per batch of fact requests, one *turn* is:
+
+1. one teacher-forced forward/backward pass over ``prompt + target_new`` (loss: each request's
+   mean target NLL, summed over requests, so a request's features do not depend on its batch);
+   at every edited MLP output projection ``W`` (``down_proj`` / GPT-2 ``c_proj``) read, at each
+   position that predicts a target token, the key ``k`` (the projection's input) and the gradient
+   ``g`` of the loss with respect to the projection's output;
+2. **lifelong normalisation**: the running mean and variance of ``g`` over *every* row the edit
+   stream has produced so far (earlier active events + this turn) normalise it:
+   ``ĝ = (g − m) / sqrt(s² + ε)``; the value shift of a row is what a gradient step would give at
+   its key, with the normalised direction: ``v = −lr · ‖k‖² · ĝ`` (MALMEN's / UltraEdit's form);
+3. one ridge solve per layer: ``ΔWᵀ = (KᵀK + μ·H_hist + λ I)⁻¹ Kᵀ V`` (float64), written as the
+   low-rank pair ``ΔW = Vᵀ · (S⁻¹Kᵀ)ᵀ`` (rank = rows). ``H_hist = Σ K_e K_eᵀ`` over earlier active
+   UltraEdit events (μ = ``history_weight``; 0 turns it off and needs no key history), which
+   keeps ``ΔW k_old ≈ 0`` for keys of earlier edits, as AlphaEdit's key history does.
+
+Turns repeat (at most ``max_turns``) for the requests whose target is not yet the argmax of
+every target token, each on the working copy with the earlier turns written in (ENCORE's MPES
+idea applied to turns: stop as soon as the target is top-1, plus ``extra_turns``).
+
+**Reading of the paper** (its code is not public in full): the normaliser here keeps the gradient
+part only, since the solve uses raw keys; with few rows the running statistics are shrunk toward
+an isotropic prior of ``norm_prior`` pseudo-rows (mean 0, variance the pooled mean square), so a
+first edit of one token is well defined (centering one row would remove it entirely).
+
+**State in the ledger**: every result's ``Delta.state`` holds, per edited layer, ``gcount.<l>``
+(1, float64), ``gsum.<l>`` and ``gsq.<l>`` (out, float64): the sufficient statistics of the rows
+this request contributed, and ``keys.<l>`` (in × rows, float32) when ``history_weight > 0``. The
+state before an edit is the sum over ``ctx.history["states"]`` (earlier active UltraEdit events, in
+ledger order), so a sequence continued after a restart sees exactly the state of one
+uninterrupted run, and a reverted event's rows leave the statistics with it.
+
+Every closed form is linear in the columns of ``V``, so with ``split_batch`` each request's
+event holds the rank-(its rows) share and the shares sum to the batch update exactly.
+Defaults were chosen on the lifelong benchmark (bench/lifelong.py; bench/results/lifelong.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from kledger.editors.base import EditContext, Editor, EditResult, preserved
+from kledger.editors.tokens import encode_pairs
+from kledger.editors.locate import subject_last_index
+from kledger.editors.sites import Sites, num_layers, sites_for
+from kledger.editors.stats import key_covariances
+from kledger.editors.hooks import Trace, edit_output
+from kledger.ledger.deltas import Delta, LowRankDelta
+from kledger.ledger.errors import NumericalError, UsageError
+from kledger.ledger.records import FactRequest
+
+log = logging.getLogger(__name__)
+
+
+def default_layers(n_layers: int) -> tuple[int, ...]:
+    """A window of 5 layers ending at ~60 % depth (SmolLM2-135M: 13–17); ≤ 5 layers: all."""
+    if n_layers <= 5:
+        return tuple(range(n_layers))
+    end = max(5, round(0.6 * n_layers))
+    return tuple(range(end - 5, end))
+
+
+@dataclass(frozen=True)
+class UltraEditConfig:
+    """UltraEdit hyper-parameters (defaults measured; see the module docstring)."""
+
+    layers: tuple[int, ...] | None = None  # None: default_layers(num_layers(model))
+    lr: float = 1e-3  # value shift = −lr·‖k‖²·ĝ
+    ridge: float = 1e2  # λ of the ridge solve
+    history_weight: float = 1.0  # μ: weight of earlier UltraEdit events' keys (0: off, no keys stored)
+    max_turns: int = 4  # closed-form turns per batch at most
+    extra_turns: int = 0  # turns a request keeps taking after its target became top-1
+    norm_prior: float = 16.0  # pseudo-rows of the isotropic prior of the lifelong normaliser
+    norm_eps: float = 1e-8  # ε added to the variance (relative to the pooled mean square)
+    split_batch: bool = True  # one EditResult (its rows' share) per request
+    positions: str = "target"  # rows: "target" (tokens predicting the target), "subject" (its last token), "both"
+    preserve_weight: float = 0.0  # λ_c: weight of the preserved-key covariance C0 (0: no statistics pass)
+    stats_tokens: int = 8192  # tokens of the key-statistics corpus when preserve_weight > 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.layers is not None and (not self.layers or not all(isinstance(x, int) for x in self.layers)):
+            raise ValueError(f"layers must be a non-empty list of integers, found {self.layers!r}")
+        if not self.lr > 0 or not self.ridge > 0:
+            raise ValueError(f"lr and ridge must be > 0, found {self.lr} and {self.ridge}")
+        if self.history_weight < 0 or self.norm_prior < 0 or self.norm_eps < 0 or self.preserve_weight < 0:
+            raise ValueError("history_weight, norm_prior and norm_eps must be ≥ 0")
+        if self.positions not in ("target", "subject", "both"):
+            raise ValueError(f"positions must be target, subject or both, found {self.positions!r}")
+        if self.max_turns < 1 or self.extra_turns < 0:
+            raise ValueError(f"max_turns must be ≥ 1 and extra_turns ≥ 0, found {self.max_turns}, {self.extra_turns}")
+
+
+@dataclass
+class GradStats:
+    """Sufficient statistics of gradient rows: count, Σg, Σg² (float64, per dimension)."""
+
+    count: torch.Tensor
+    total: torch.Tensor
+    sq: torch.Tensor
+
+    @classmethod
+    def zeros(cls, dim: int) -> "GradStats":
+        z = torch.zeros(dim, dtype=torch.float64)
+        return cls(torch.zeros(1, dtype=torch.float64), z, z.clone())
+
+    @classmethod
+    def of(cls, G: torch.Tensor) -> "GradStats":
+        G = G.double().cpu()
+        return cls(torch.tensor([float(G.shape[0])], dtype=torch.float64), G.sum(0), (G * G).sum(0))
+
+    def __add__(self, other: "GradStats") -> "GradStats":
+        return GradStats(self.count + other.count, self.total + other.total, self.sq + other.sq)
+
+    def normalise(self, G: torch.Tensor, prior: float, eps: float) -> torch.Tensor:
+        """``(G − m) / sqrt(s² + ε)`` with m, s² shrunk toward (0, pooled mean square) by ``prior`` rows."""
+        n = float(self.count)
+        pooled = float(self.sq.sum()) / max(n * self.sq.numel(), 1.0)
+        mean = self.total / (n + prior)
+        var = (self.sq + prior * pooled) / (n + prior) - mean * mean
+        var = var.clamp_min(0) + eps * max(pooled, 1e-30)
+        return (G.double().cpu() - mean) / var.sqrt()
+
+
+def _state_stats(states: Sequence[Mapping[str, torch.Tensor]], layer: int, dim: int) -> GradStats:
+    total = GradStats.zeros(dim)
+    for j, st in enumerate(states):
+        if f"gsum.{layer}" not in st:
+            continue
+        s = GradStats(st[f"gcount.{layer}"].double(), st[f"gsum.{layer}"].double(), st[f"gsq.{layer}"].double())
+        if s.total.shape != (dim,):
+            raise UsageError(f"history state {j}: expected gsum.{layer} of shape ({dim},), found {tuple(s.total.shape)}")
+        total = total + s
+    return total
+
+
+def _history_keys(states: Sequence[Mapping[str, torch.Tensor]], layer: int, dim: int) -> torch.Tensor | None:
+    mats = [st[f"keys.{layer}"] for st in states if f"keys.{layer}" in st]
+    for K in mats:
+        if K.ndim != 2 or K.shape[0] != dim:
+            raise UsageError(f"history state: expected keys.{layer} of shape ({dim}, n), found {tuple(K.shape)}")
+    if not mats:
+        return None
+    K = torch.cat([m.double() for m in mats], dim=1)
+    return K @ K.T
+
+
+@dataclass
+class Turn:
+    """One forward/backward pass: per layer keys (rows×in) and grads (rows×out), row owners, success."""
+
+    keys: dict[int, torch.Tensor]
+    grads: dict[int, torch.Tensor]
+    owners: list[int]  # request index of each row
+    top1: list[bool]  # per request of the pass: every target token is the argmax
+    nll: list[float]
+
+
+def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], requests: Sequence[FactRequest],
+             with_grad: bool = True, positions: str = "target") -> Turn:
+    """Keys and output gradients at the positions that predict target tokens (one padded batch)."""
+    dev = next(model.parameters()).device
+    enc, spans = encode_pairs(tok, [r.prompt for r in requests], [r.target_new for r in requests], dev)
+    rows = []
+    for i, (r, (s, e)) in enumerate(zip(requests, spans)):
+        if positions in ("subject", "both"):
+            if r.subject is None:
+                raise UsageError(f"ultraedit positions={positions!r} needs a subject; found none for {r.prompt!r}")
+            rows.append((i, subject_last_index(tok, r.prompt, r.subject)))
+        if positions in ("target", "both"):
+            rows.extend((i, p) for p in range(s - 1, e - 1))
+    hit_rows = [(i, p) for i, (s, e) in enumerate(spans) for p in range(s - 1, e - 1)]
+    ri = torch.tensor([i for i, _ in hit_rows], device=dev)
+    rp = torch.tensor([p for _, p in hit_rows], device=dev)
+    tgt = enc["input_ids"][ri, rp + 1]
+    ki = torch.tensor([i for i, _ in rows], device=dev)
+    kp = torch.tensor([p for _, p in rows], device=dev)
+    outs: dict[int, torch.Tensor] = {}
+
+    def grab(l: int):
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            if with_grad and not h.requires_grad:  # parameters are frozen: make the output a leaf
+                h = h.detach().requires_grad_(True)
+            outs[l] = h
+            return h
+        return fn
+
+    with contextlib.ExitStack() as stack, torch.set_grad_enabled(with_grad):
+        tr = {l: stack.enter_context(Trace(model, sites.mlp_out.format(l), retain_input=True, retain_output=False))
+              for l in layers}
+        for l in layers:
+            stack.enter_context(edit_output(model, sites.mlp_out.format(l), grab(l)))
+        logits = model(**enc, use_cache=False).logits[ri, rp].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        tok_nll = -logp.gather(1, tgt[:, None])[:, 0]
+        hit = logits.argmax(-1) == tgt
+        n = len(requests)
+        counts = torch.zeros(n, device=dev).index_add_(0, ri, torch.ones_like(tok_nll))
+        per_req = torch.zeros(n, device=dev).index_add_(0, ri, tok_nll) / counts
+        top1 = [bool(hit[ri == i].all()) for i in range(n)]
+        keys = {l: tr[l].input[ki, kp].detach().double() for l in layers}
+        grads = {}
+        if with_grad:
+            gs = torch.autograd.grad(per_req.sum(), [outs[l] for l in layers])
+            grads = {l: g[ki, kp].detach().double() for l, g in zip(layers, gs)}
+    return Turn(keys, grads, [i for i, _ in rows], top1, [float(x) for x in per_req.detach()])
+
+
+def ridge_factors(K: torch.Tensor, V: torch.Tensor, lam: float, H: torch.Tensor | None, mu: float,
+                  chol: torch.Tensor | None = None) -> torch.Tensor:
+    """``M = S⁻¹Kᵀ`` (in×rows, float64) with ``S = KᵀK + μH + λI``, so that ``ΔW = Vᵀ Mᵀ``.
+
+    Without history the push-through identity ``(KᵀK + λI)⁻¹Kᵀ = Kᵀ(KKᵀ + λI)⁻¹`` keeps the
+    solve rows×rows. With history, ``A = μH + λI`` is factorised once (``chol``, see
+    ``history_factor``, which may also hold ``λ_c C0``) and Woodbury's identity gives ``S⁻¹Kᵀ = A⁻¹Kᵀ (I + K A⁻¹ Kᵀ)⁻¹``."""
+    K = K.double()
+    eye = torch.eye(K.shape[0], dtype=torch.float64, device=K.device)
+    if chol is None and (H is None or mu == 0):
+        return K.T @ torch.linalg.inv(K @ K.T + lam * eye)
+    if chol is None:
+        chol = history_factor(H, lam, mu)
+    AinvKt = torch.cholesky_solve(K.T.contiguous(), chol.to(K.device))
+    return AinvKt @ torch.linalg.inv(eye + K @ AinvKt)
+
+
+def history_factor(H: torch.Tensor | None, lam: float, mu: float, C0: torch.Tensor | None = None,
+                   lam_c: float = 0.0) -> torch.Tensor:
+    """Cholesky factor of ``A = μH + λ_c C0 + λI`` (float64), shared by every turn of a batch."""
+    dim = (H if H is not None else C0).shape[0]
+    A = lam * torch.eye(dim, dtype=torch.float64)
+    if H is not None and mu:
+        A = A + mu * H.double().cpu()
+    if C0 is not None and lam_c:
+        A = A + lam_c * C0.double().cpu()
+    return torch.linalg.cholesky(A)
+
+
+class UltraEditEditor(Editor):
+    name = "ultraedit"
+    summary = "UltraEdit: lifelong-normalised closed-form ridge update, no statistics pass (fast, lifelong)"
+    paper = "https://arxiv.org/abs/2505.14679"
+    config_cls = UltraEditConfig
+    needs_history = True  # ctx.history["states"]: earlier active UltraEdit events' Delta.state
+    batch_solve = True
+
+    def compute(self, model: nn.Module, tok, requests: Sequence[FactRequest], ctx: EditContext) -> list[EditResult]:
+        if not requests:
+            raise UsageError("ultraedit: expected at least one fact request, found none")
+        t0 = time.perf_counter()
+        cfg, requests = self.config, list(requests)
+        sites = sites_for(model)
+        n_layers = num_layers(model)
+        layers = tuple(sorted(set(cfg.layers))) if cfg.layers is not None else default_layers(n_layers)
+        if any(not 0 <= l < n_layers for l in layers):
+            raise UsageError(f"ultraedit: expected layers in [0, {n_layers}), found {list(layers)}")
+        params = {l: sites.mlp_out_param(l) for l in layers}
+        states = list(ctx.history.get("states") or [])
+        self._stats_desc = None
+        shares = self._turns(model, tok, sites, layers, params, requests, states, ctx)
+        return self._results(model, sites, layers, params, requests, shares, time.perf_counter() - t0, len(states))
+
+    def _turns(self, model, tok, sites, layers, params, requests, states, ctx) -> dict[str, Any]:
+        """Run the turns on the working copy (restored on exit); collect per-request shares."""
+        cfg = self.config
+        n = len(requests)
+        dims = {}
+        for l in layers:
+            w = model.get_parameter(params[l])
+            dims[l] = (w.shape[0], w.shape[1]) if sites.mlp_out_transposed else (w.shape[1], w.shape[0])  # (in, out)
+        stats = {l: _state_stats(states, l, dims[l][1]) for l in layers}
+        hist = {l: _history_keys(states, l, dims[l][0]) if cfg.history_weight > 0 else None for l in layers}
+        c0: dict[int, torch.Tensor] = {}
+        if cfg.preserve_weight > 0:
+            c0, self._stats_desc = key_covariances(model, tok, layers, ctx, n_tokens=cfg.stats_tokens, seed=ctx.seed)
+        chol = {l: history_factor(hist[l], cfg.ridge, cfg.history_weight, c0.get(l), cfg.preserve_weight)
+                for l in layers if hist[l] is not None or l in c0}
+        u = {l: [[] for _ in range(n)] for l in layers}  # per request: list of (out×r) pieces
+        v = {l: [[] for _ in range(n)] for l in layers}
+        mine = {l: [GradStats.zeros(dims[l][1]) for _ in range(n)] for l in layers}
+        keys = {l: [[] for _ in range(n)] for l in layers}
+        after = [0] * n  # turns taken after top-1
+        turns_taken = [0] * n
+        nll0: list[float] = []
+        with preserved(model):
+            for turn in range(cfg.max_turns):
+                probe = features(model, tok, sites, layers, requests, with_grad=False)
+                if turn == 0:
+                    nll0 = probe.nll
+                active = [i for i in range(n) if not probe.top1[i] or after[i] < cfg.extra_turns]
+                for i in range(n):
+                    if probe.top1[i] and i in active:
+                        after[i] += 1
+                if not active:
+                    break
+                ft = features(model, tok, sites, layers, [requests[i] for i in active], positions=cfg.positions)
+                owners = [active[j] for j in ft.owners]
+                for i in active:
+                    turns_taken[i] += 1
+                for l in layers:
+                    K, G = ft.keys[l], ft.grads[l]
+                    if not (torch.isfinite(K).all() and torch.isfinite(G).all()):
+                        raise NumericalError(f"ultraedit: non-finite keys or gradients at layer {l}")
+                    for i in set(owners):
+                        sel = torch.tensor([j for j, o in enumerate(owners) if o == i])
+                        mine[l][i] = mine[l][i] + GradStats.of(G[sel])
+                        keys[l][i].append(K[sel].float().cpu())
+                    stats[l] = stats[l] + GradStats.of(G)
+                    Gn = stats[l].normalise(G, cfg.norm_prior, cfg.norm_eps).to(K.device)
+                    V = -cfg.lr * (K * K).sum(1, keepdim=True) * Gn  # rows × out
+                    M = ridge_factors(K, V, cfg.ridge, hist[l], cfg.history_weight, chol.get(l))  # in × rows
+                    if not (torch.isfinite(V).all() and torch.isfinite(M).all()):
+                        raise NumericalError(f"ultraedit: the solve at layer {l} produced NaN/Inf")
+                    U_, V_ = V.T.float(), M.float()  # ΔW (out×in) = U_ V_ᵀ
+                    if sites.mlp_out_transposed:
+                        U_, V_ = V_, U_
+                    w = model.get_parameter(params[l])
+                    with torch.no_grad():
+                        w.addmm_(U_.to(w.device, w.dtype), V_.to(w.device, w.dtype).T)
+                    for i in set(owners):
+                        sel = torch.tensor([j for j, o in enumerate(owners) if o == i], device=U_.device)
+                        u[l][i].append(U_[:, sel].cpu())
+                        v[l][i].append(V_[:, sel].cpu())
+            final = features(model, tok, sites, layers, requests, with_grad=False)
+        return {"u": u, "v": v, "stats": mine, "keys": keys, "turns": turns_taken, "top1": final.top1,
+                "nll_start": nll0, "nll_end": final.nll}
+
+    def _results(self, model, sites, layers, params, requests, sh, elapsed, n_hist) -> list[EditResult]:
+        cfg = self.config
+        n = len(requests)
+        groups = [[i] for i in range(n)] if cfg.split_batch else [list(range(n))]
+        results = []
+        for g in groups:
+            tensors, state, d_norms, ranks = {}, {}, {}, {}
+            for l in layers:
+                us = [p for i in g for p in sh["u"][l][i]]
+                vs = [p for i in g for p in sh["v"][l][i]]
+                st = GradStats.zeros(sh["stats"][l][g[0]].total.numel())
+                for i in g:
+                    st = st + sh["stats"][l][i]
+                state[f"gcount.{l}"], state[f"gsum.{l}"], state[f"gsq.{l}"] = st.count, st.total, st.sq
+                ks = [k for i in g for k in sh["keys"][l][i]]
+                if cfg.history_weight > 0 and ks:
+                    state[f"keys.{l}"] = torch.cat(ks).T.contiguous()
+                if not us:
+                    continue
+                U, Vv = torch.cat(us, 1).contiguous(), torch.cat(vs, 1).contiguous()
+                shape = tuple(model.get_parameter(params[l]).shape)
+                tensors[params[l]] = LowRankDelta(shape, U, Vv)
+                ranks[params[l]] = int(U.shape[1])
+                d_norms[str(l)] = round(float(torch.sqrt(((U.T @ U) * (Vv.T @ Vv)).sum().clamp_min(0))), 6)
+            metrics = {
+                "turns": [sh["turns"][i] for i in g] if len(g) > 1 else sh["turns"][g[0]],
+                "top1": [sh["top1"][i] for i in g] if len(g) > 1 else sh["top1"][g[0]],
+                "nll_start": round(sum(sh["nll_start"][i] for i in g) / len(g), 5),
+                "nll_end": round(sum(sh["nll_end"][i] for i in g) / len(g), 5),
+                "delta_norm": d_norms, "time_s": round(elapsed * len(g) / n, 4),
+                "batch_time_s": round(elapsed, 4), "batch_size": n, "history_events": n_hist,
+            }
+            ens = {"layers": list(layers), "tensors": [params[l] for l in layers], "rank": ranks,
+                   "positions": cfg.positions, "stats": self._stats_desc}
+            results.append(EditResult(tuple(requests[i] for i in g), Delta(tensors, state), ens, metrics))
+        return results
