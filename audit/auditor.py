@@ -153,9 +153,9 @@ class Auditor:
     # --- blame ---------------------------------------------------------------------------
     def sequence(self, version: Event) -> list[Event]:
         """The events that change the active set in ``version``'s history, in sequence order."""
-        g = self.ledger._graph()
-        ids = [i for i in self.ledger.ancestors(version) if g[i][1] in DELTA_EVENT_TYPES + ("revert",)]
-        ids.sort(key=lambda i: g[i][0])
+        g = self.ledger.graph.nodes()
+        ids = [i for i in self.ledger.ancestors(version) if g[i].type in DELTA_EVENT_TYPES + ("revert",)]
+        ids.sort(key=lambda i: g[i].seq)
         events = {e.id: e for e in self.ledger.events(types=list(DELTA_EVENT_TYPES) + ["revert"])}
         return [events[i] for i in ids]
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from counterfact_eval import counterfact_scores  # noqa: E402
 
-from kledger.cli.branch import create_branch, do_merge  # noqa: E402
+from kledger.cli.branch import do_merge  # noqa: E402
 from kledger.cli.rebase import rebase_revert  # noqa: E402
 from kledger.cli.workflow import Workspace, init_ledger  # noqa: E402
 from kledger.editors.models import load_model  # noqa: E402
@@ -94,8 +94,8 @@ def build_branches(root: Path, method: str, a, b, overrides, batch_size: int = 1
         return json.loads((root / "build.json").read_text())
     root.mkdir(parents=True, exist_ok=True)
     L = new_ledger(root)
-    create_branch(L, "a")
-    create_branch(L, "b")
+    L.create_branch("a")
+    L.create_branch("b")
     info = {}
     for br, reqs in (("a", a), ("b", b)):
         L.set_current_branch(br)

@@ -47,23 +47,11 @@ BATCH_METHODS = ("memit", "alphaedit")
 def branch_cmd(app: App, name: str, ref: str, do_switch: bool) -> None:
     """Create branch NAME starting at REF (appends a `branch` event)."""
     ledger = app.ledger()
-    ev = create_branch(ledger, name, ref)
+    ev = ledger.create_branch(name, ref)
     if do_switch:
         ledger.set_current_branch(name)
     app.emit({"branch": name, "event": ev.id, "at": ev.parent, "switched": do_switch},
              f"created branch {name} at {ev.parent}" + (f"; switched to {name}" if do_switch else ""))
-
-
-def create_branch(ledger: Ledger, name: str, ref: str = "HEAD") -> Event:
-    if name == "HEAD" or "~" in name:
-        raise UsageError(f"expected a branch name, found {name!r}")
-    at = ledger.resolve(ref)
-
-    def check(_ledger: Ledger, head: Event | None) -> None:
-        if head is not None:
-            raise StateError(f"expected a new branch name, found branch {name!r} already exists (head {head.id})")
-
-    return ledger.append("branch", branch=name, parent=at.id, message=f"branch {name} at {at.id}", check=check)
 
 
 @cli.command()
@@ -75,7 +63,7 @@ def switch(app: App, name: str, create: bool, ref: str) -> None:
     """Make NAME the current branch (later edits go there)."""
     ledger = app.ledger()
     if create:
-        create_branch(ledger, name, ref)
+        ledger.create_branch(name, ref)
     ledger.set_current_branch(name)
     head = ledger.head()
     app.emit({"branch": name, "head": head.id}, f"switched to {name} (head {head.id})")

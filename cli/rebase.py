@@ -114,17 +114,17 @@ def _plan_rebase(ledger: Ledger, target_ref: str) -> RebasePlan:
     anc = ledger.ancestors(head)
     if target.id not in anc:
         raise StateError(f"event {target.id} is not in the history of branch {ledger.current_branch()!r}")
-    live = ledger._live(anc)
+    live = ledger.graph.live(anc)
     if target.id not in live:
-        by = ledger._reverted_by(head, target.id)
+        by = ledger.graph.reverted_by(head, target.id)
         raise StateError(f"event {target.id} is already reverted" + (f" by {by}" if by else ""))
-    g = ledger._graph()
-    merges = [i for i in anc if g[i][0] > target.seq and g[i][1] == "merge"]
+    g = ledger.graph.nodes()
+    merges = [i for i in anc if g[i].seq > target.seq and g[i].type == "merge"]
     if merges or target.type == "merge":
         raise StateError(f"expected no merge between {target.id} and the head, found {(merges or [target.id])[0]};"
                          " rebasing across merges is not supported (use plain revert)")
-    prefix = [i for i in live if g[i][0] < target.seq]
-    later = ledger.events_by_ids([i for i in live if g[i][0] > target.seq])
+    prefix = [i for i in live if g[i].seq < target.seq]
+    later = ledger.events_by_ids([i for i in live if g[i].seq > target.seq])
     for ev in later:
         if ev.type not in RECOMPUTABLE or not ev.method or ev.method not in EDITORS or not requests_of(ev):
             raise StateError(f"expected every later edit to be recomputable (an add/forget/learn event of a"

@@ -6,7 +6,7 @@ Vocabulary. ``ours`` is the current branch head, ``theirs`` the head being merge
 and symmetrically for theirs. There is no need to pick one merge-base event: ``A ∩ B`` is the
 common history, and everything the store computes is a function of event sets.
 
-Active-set semantics of a merge (implemented once, in ``Ledger._live``):
+Active-set semantics of a merge (implemented once, in ``kledger.ledger.graph.live``):
 
 * The merge event has ``parent = ours`` and ``parents = [ours, theirs]``; the merged version's
   active set is taken over ``A ∪ B``: every edit of either side, minus every revert of either
@@ -195,9 +195,9 @@ def _plan(ledger: Ledger, ours: Event, theirs: Event, choose_ours: Sequence[str]
           ) -> MergePlan:
     anc_o = ledger.ancestors(ours)
     anc_t = ledger.ancestors(theirs)
-    ours_live = ledger._live(anc_o)
-    theirs_live = ledger._live(anc_t)
-    merged = ledger._live(anc_o | anc_t)
+    ours_live = ledger.graph.live(anc_o)
+    theirs_live = ledger.graph.live(anc_t)
+    merged = ledger.graph.live(anc_o | anc_t)
     only_o = [i for i in ours_live if i not in anc_t]
     only_t = [i for i in theirs_live if i not in anc_o]
     evs = {e.id: e for e in ledger.events_by_ids(only_o + only_t)} if (only_o or only_t) else {}

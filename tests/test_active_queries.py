@@ -2,7 +2,7 @@
 
 ``active_among``, ``active_count`` and ``is_ancestor`` find the ancestors of a version as runs
 of rows in SQL and read only the rows that can change an event's state. Here they are checked
-against the plain definitions (``active`` = ``_live(ancestors(ref))`` over the whole graph) on
+against the plain definitions (``active`` = ``graph.live(ancestors(ref))`` over the whole graph) on
 random histories with branches, forks from old events, merges that supersede events, reverts of
 merges, audits, and events whose parent is not the previous one on their branch. Also: the
 torch-free delta summary of ``show`` and the constant-memory checks of ``verify``.
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from kledger.ledger.deltas import Delta, DenseDelta, LowRankDelta, SparseDelta
 from kledger.ledger.errors import StateError
 from kledger.ledger.records import DELTA_EVENT_TYPES
-from kledger.ledger import store
+from kledger.ledger import graph, verify
 from kledger.ledger.store import Ledger
 from conftest import rewrite_chain
 
@@ -33,17 +33,17 @@ BLOBS = [Delta({"w": SparseDelta((4, 4), torch.tensor([i % 16, (i + 5) % 16]), t
 
 def _check(L: Ledger, refs) -> None:
     """Every query path agrees with the plain definitions at every ref in ``refs``: runs of rows
-    (``_WINDOW`` = -1), whole windows (a huge ``_WINDOW``), and the row walk that replaces runs
+    (``WINDOW`` = -1), whole windows (a huge ``WINDOW``), and the row walk that replaces runs
     for very tangled histories (``_ancestry`` giving up)."""
     all_events = L.events(newest_first=False)
     ids = [e.id for e in all_events]
     expected = {r.id: ({e.id for e in L.active(r)}, L.ancestors(r)) for r in refs}
-    orig_window, orig_ancestry = store._WINDOW, Ledger._ancestry
+    orig_window, orig_ancestry = graph.WINDOW, graph.Graph._ancestry
     try:
         for window, give_up in ((-1, False), (10**9, False), (-1, True)):
-            store._WINDOW = window
+            graph.WINDOW = window
             if give_up:
-                Ledger._ancestry = lambda self, con, ev, lo=0, max_runs=256: None
+                graph.Graph._ancestry = lambda self, con, ev, lo=0, max_runs=256: None
             for ref in refs:
                 want, anc = expected[ref.id]
                 with L.session():
@@ -55,7 +55,7 @@ def _check(L: Ledger, refs) -> None:
                         assert L.active_among([e.id], ref) == ({e.id} & want), (e, window, give_up)
                         assert L.is_ancestor(e, ref) == (e.id in anc), (e, ref, window, give_up)
     finally:
-        store._WINDOW, Ledger._ancestry = orig_window, orig_ancestry
+        graph.WINDOW, graph.Graph._ancestry = orig_window, orig_ancestry
 
 
 op = st.tuples(st.sampled_from(["add", "add", "add", "revert", "branch", "merge", "audit", "odd_parent",
@@ -222,6 +222,6 @@ def test_verify_batches_jump_a_gap_wider_than_a_batch(tmp_path):
     con = duckdb.connect(str(L.db_path))
     con.execute("DELETE FROM events WHERE seq BETWEEN 2 AND 4")
     con.close()
-    assert [ev.seq for ev, _ in L._verify_batches(batch=2)] == [0, 1, 5]
+    assert [ev.seq for ev, _ in verify.batches(L, batch=2)] == [0, 1, 5]
     rep = L.verify()
     assert not rep.ok and rep.bad_row == 5 and "a row is missing" in rep.problem

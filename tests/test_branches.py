@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kledger.cli.branch import create_branch, do_merge
+from kledger.cli.branch import do_merge
 from kledger.cli.main import cli
 from kledger.ledger.compose import materialise
 from kledger.ledger.deltas import Delta, LowRankDelta, SparseDelta
@@ -162,7 +162,7 @@ def _build(tmp_path, ops, disjoint: bool):
         {"type": "add", "request": _req("Zed", "Lima"), "method": "fake", "delta": sparse("a", [7, 8], [0.25, -0.5])},
         {"type": "add", "request": _req("Yan", "Kiev"), "method": "fake", "delta": lowrank("a", 99)},
     ])
-    create_branch(L, "side")
+    L.create_branch("side")
     live = {"main": [e.id for e in common], "side": [e.id for e in common]}
     pending: list = []
     cur = None

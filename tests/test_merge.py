@@ -73,9 +73,7 @@ def test_ties_matches_reference(tmp_path, density):
     L = Ledger.create(tmp_path, FAKE_MODEL)
     ours, theirs = [], []
     add(L, "Base", "Lima", sparse("a", [0, 1], [0.3, 0.3]))
-    from kledger.cli.branch import create_branch
-
-    create_branch(L, "t")
+    L.create_branch("t")
     for side, br, subjects in ((ours, "main", ["Alice", "Bob"]), (theirs, "t", ["Carol", "Dan"])):
         for subj in subjects:
             idx = torch.randperm(48, generator=g)[:20].tolist()  # 48 entries, heavy overlap
@@ -111,9 +109,7 @@ def test_ties_without_overlap_is_sum():
 # --------------------------------------------------------------------------------------------
 def test_interference_uses_recorded_keys(tmp_path):
     L = Ledger.create(tmp_path, FAKE_MODEL)
-    from kledger.cli.branch import create_branch
-
-    create_branch(L, "t")
+    L.create_branch("t")
     g = torch.Generator().manual_seed(3)
     ka = torch.randn(2, 8, generator=g)  # two keys of our edit (rows), input side = 8 columns
     da = Delta({"a": LowRankDelta((6, 8), torch.randn(6, 2, generator=g), torch.randn(8, 2, generator=g))},
@@ -211,9 +207,7 @@ def test_resolve_merge_solves_both_sides_jointly(tmp_path, tiny_llama_dir, lsq):
     L = init_ledger(tmp_path, str(tiny_llama_dir))
     ws = Workspace(L, device="cpu")
     ws.add(facts(("Alice", "doctor")), method="lsq")
-    from kledger.cli.branch import create_branch
-
-    create_branch(L, "news")
+    L.create_branch("news")
     ours = facts(("Bob", "teacher"), ("Carol", "lawyer"))
     theirs = facts(("Dan", "doctor"), ("Eve", "teacher"), ("Bob", "teacher"))  # Bob: same fact, same target
     ws.add(ours, method="lsq")
@@ -283,9 +277,7 @@ def test_rebase_refuses_across_a_merge(tmp_path, tiny_llama_dir, lsq):
     L = init_ledger(tmp_path, str(tiny_llama_dir))
     ws = Workspace(L, device="cpu")
     first = ws.add(facts(("Alice", "doctor")), method="lsq")[0]
-    from kledger.cli.branch import create_branch
-
-    create_branch(L, "t")
+    L.create_branch("t")
     L.set_current_branch("t")
     Workspace(L, device="cpu").add(facts(("Bob", "teacher")), method="lsq")
     L.set_current_branch("main")
