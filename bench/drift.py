@@ -47,24 +47,23 @@ def _rows(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def _cli(args: list[str]) -> tuple[int, dict | None, str]:
-    from click.testing import CliRunner
+def _audit(ledger_dir: Path, blame: bool = False, report: Path | None = None
+           ) -> tuple[int, dict | None, float, str]:
+    """``kledger audit --json`` as a library call: (exit code, the command's JSON, wall s, error)."""
+    from kledger import Workspace, run_audit
+    from kledger.audit.thresholds import stored_thresholds
+    from kledger.ledger.errors import KledgerError
+    from kledger.ledger.store import Ledger
 
-    from kledger.cli.main import cli
-
-    res = CliRunner().invoke(cli, args)
-    out = res.stdout
-    try:
-        data = json.loads(out) if out.strip().startswith("{") else None
-    except ValueError:
-        data = None
-    return res.exit_code, data, res.stderr if hasattr(res, "stderr") else ""
-
-
-def _audit(ledger_dir: Path, extra: list[str] = ()) -> tuple[int, dict | None, float, str]:
     t0 = time.perf_counter()
-    code, data, err = _cli(["--ledger", str(ledger_dir), "audit", "--json", *extra])
-    return code, data, time.perf_counter() - t0, err
+    try:
+        ledger = Ledger.open(ledger_dir)
+        model, tok, _ = Workspace(ledger).load_base()
+        run = run_audit(ledger, model, tok, ledger.head(), stored_thresholds(ledger)[0], blame=blame,
+                        report_dir=report, load_s=time.perf_counter() - t0)
+        return (0 if run.healthy else 3), run.to_json(), time.perf_counter() - t0, ""
+    except KledgerError as exc:
+        return exc.exit_code, None, time.perf_counter() - t0, str(exc)
 
 
 def _audit_row(code: int, data: dict | None, wall: float, err: str) -> dict:
@@ -80,7 +79,7 @@ def _audit_row(code: int, data: dict | None, wall: float, err: str) -> dict:
 
 # --- phase 1 --------------------------------------------------------------------------------
 def sequence(args) -> None:
-    from kledger.cli.workflow import Workspace, init_ledger
+    from kledger import Workspace, init_ledger
     from kledger.ledger.records import load_requests
     from kledger.ledger.store import Ledger
 
@@ -195,7 +194,7 @@ def _synthetic_goods(n: int, scale: float, seed: int, data: str) -> list[tuple]:
 
 
 def _destructive(name: str, scale: float, seed: int):
-    from kledger.cli.workflow import resolve_model_path
+    from kledger.editors.models import resolve_model_path
     from kledger.ledger.deltas import Delta, LowRankDelta
     from kledger.audit.drift import SafetensorsBase
 
@@ -207,7 +206,7 @@ def _destructive(name: str, scale: float, seed: int):
 
 
 def blame(args) -> None:
-    from kledger.cli.workflow import init_ledger
+    from kledger import init_ledger
     from kledger import audit as A
     from kledger.ledger.store import Ledger
 
@@ -235,7 +234,7 @@ def blame(args) -> None:
                 else None, "replay_s": round(time.perf_counter() - t0, 2)})
     code, data, wall, err = _audit(work)
     _log(work, {"phase": "audit", "what": "with planted edit", **_audit_row(code, data, wall, err)})
-    code, data, wall, err = _audit(work, ["--blame", "--report", str(work / "report")])
+    code, data, wall, err = _audit(work, blame=True, report=work / "report")
     row = _audit_row(code, data, wall, err)
     bl = (data or {}).get("blame") or {}
     culprits = [c["id"] for c in bl.get("culprits", [])]
@@ -243,15 +242,22 @@ def blame(args) -> None:
                 "revert_commands": bl.get("revert_commands"), "fixed": bl.get("fixed"),
                 "steps": len(bl.get("steps", [])), "blame_s": bl.get("seconds"), "wall_s": row.get("wall_s")})
     for cmd in bl.get("revert_commands") or []:
-        c, _, e = _cli(["--ledger", str(work), "revert", cmd.split()[-1]])
+        from kledger.ledger.errors import KledgerError
+        from kledger.ledger.store import Ledger
+
+        try:
+            Ledger.open(work).revert(cmd.split()[-1])
+            c, e = 0, ""
+        except KledgerError as exc:
+            c, e = exc.exit_code, str(exc)
         _log(work, {"phase": "revert", "cmd": cmd, "exit": c, "error": e.strip()[-300:]})
-    code, data, wall, err = _audit(work, ["--report", str(work / "report-after")])
+    code, data, wall, err = _audit(work, report=work / "report-after")
     _log(work, {"phase": "audit", "what": "after the suggested revert", **_audit_row(code, data, wall, err)})
 
 
 # --- phase 3 --------------------------------------------------------------------------------
 def timing(args) -> None:
-    from kledger.cli.workflow import init_ledger
+    from kledger import init_ledger
     from kledger.ledger.records import load_requests
 
     from kledger.ledger.store import Ledger

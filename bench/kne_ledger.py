@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from counterfact_eval import counterfact_scores, first_tokens  # noqa: E402
 
-from kledger.cli.workflow import Workspace, init_ledger  # noqa: E402
+from kledger import Workspace, init_ledger  # noqa: E402
 from kledger.ledger.records import load_requests  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact-600.json"

@@ -34,14 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from counterfact_eval import counterfact_scores  # noqa: E402
 
-from kledger.cli.branch import do_merge  # noqa: E402
-from kledger.cli.rebase import rebase_revert  # noqa: E402
-from kledger.cli.workflow import Workspace, init_ledger  # noqa: E402
+from kledger import Workspace, init_ledger, rebase_revert  # noqa: E402
 from kledger.editors.models import load_model  # noqa: E402
 from kledger.ledger.compose import materialise  # noqa: E402
-from kledger.ledger.merge import analyse, plan_merge  # noqa: E402
+from kledger.ledger.merge import analyse  # noqa: E402
+from kledger.ledger.mergeplan import plan_merge  # noqa: E402
 from kledger.ledger.records import load_requests  # noqa: E402
 from kledger.ledger.store import Ledger  # noqa: E402
+from kledger.merging import do_merge  # noqa: E402
 
 DATA = "/work/shared/data/counterfact-600.json"
 DEVICE = "cpu"

@@ -87,7 +87,7 @@ def _item(i: int, g) -> dict:
 def build(root: Path, n: int, chunk: int = 2000) -> dict:
     import torch
 
-    from kledger.cli.workflow import init_ledger
+    from kledger import init_ledger
     from kledger.ledger.store import Ledger
 
     if root.exists():

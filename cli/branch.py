@@ -4,38 +4,23 @@ A branch is a ref over the one append-only log: a ``branch`` event (``branch=NAM
 ``parent`` = the event it starts at) creates it, and its head is the newest model event
 recorded on it. ``switch`` only rewrites ``.kledger/HEAD``. ``merge`` appends one ``merge`` event
 on the current branch (``parent`` = our head, ``parents`` = [our head, their head]); its
-semantics (three-way active set, ``supersedes``, the strategies) are documented in
-``kledger.ledger.merge``. The ``resolve`` strategy lives here because it runs an editor.
+semantics (three-way active set, ``supersedes``) are documented in ``kledger.ledger.mergeplan``
+and the strategies in ``kledger.merging``; this module parses options and prints.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from kledger.cli.app import App, pass_app
 from kledger.cli.main import cli
-from kledger.ledger.canonical import canonical_json
-from kledger.ledger.errors import StateError, UsageError
-from kledger.ledger.records import Event, FactRequest
-from kledger.ledger.store import Ledger
+from kledger.ledger.errors import StateError
+from kledger.merging import STRATEGIES, all_options
 
 if TYPE_CHECKING:
-    from kledger.ledger.merge import MergePlan
-
-log = logging.getLogger(__name__)
-
-# ``kledger.ledger.merge`` needs torch, which `branch`, `switch` and `branches` do not: it is
-# imported inside the merge functions, and its option values are repeated here
-# (tests/test_cli_imports.py checks that they agree)
-STRATEGIES = ("sum", "resolve", "ties")
-DEFAULT_DENSITY = 0.2
-
-#: methods that solve a batch of facts jointly when their class does not say (attribute ``batch_solve``)
-BATCH_METHODS = ("memit", "alphaedit")
+    from kledger.ledger.mergeplan import MergePlan
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,25 +71,29 @@ def branches(app: App) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+def _strategy_options(f):
+    """``--NAME`` for every option the strategies declare (``kledger.merging``)."""
+    for o in reversed(all_options()):
+        f = click.option(f"--{o.name.replace('_', '-')}", o.name, default=o.default, show_default=o.default is not None,
+                         type=click.Path(dir_okay=False) if o.is_file else o.type, help=o.help)(f)
+    return f
+
+
 @cli.command()
 @click.argument("branch")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default="sum", show_default=True,
-              help="sum: add the deltas (exact, cheap); resolve: re-solve all facts in one batch; "
-                   "ties: trim and sign-elect overlapping sparse entries.")
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="sum", show_default=True,
+              help="; ".join(f"{n}: {s.help}" for n, s in STRATEGIES.items()) + ".")
 @click.option("--dry-run", is_flag=True, help="Report conflicts and interference; write nothing.")
 @click.option("--ours", "choose_ours", multiple=True, metavar="FACT",
               help="Keep our side for a conflicting fact (subject, prompt or event id).")
 @click.option("--theirs", "choose_theirs", multiple=True, metavar="FACT",
               help="Keep their side for a conflicting fact.")
-@click.option("--density", type=float, default=DEFAULT_DENSITY, show_default=True,
-              help="ties: fraction of each side's sparse entries kept by magnitude.")
+@_strategy_options
 @click.option("--top", type=int, default=20, show_default=True, help="Rows of the interference table.")
-@click.option("--stats-corpus", type=click.Path(dir_okay=False),
-              help="resolve: the key-statistics corpus the edits were made with, if not the default.")
 @click.option("-m", "--message", help="A note recorded with the merge.")
 @pass_app
-def merge(app: App, branch: str, strategy: str, dry_run: bool, choose_ours, choose_theirs, density: float,
-          top: int, stats_corpus: str | None, message: str | None) -> None:
+def merge(app: App, branch: str, strategy: str, dry_run: bool, choose_ours, choose_theirs, top: int,
+          message: str | None, **options) -> None:
     """Merge BRANCH into the current branch as one `merge` event.
 
     Hard conflicts (the same subject and relation with different targets on the two sides) stop
@@ -112,14 +101,10 @@ def merge(app: App, branch: str, strategy: str, dry_run: bool, choose_ours, choo
     the exit code is 1. Warnings (same fact on both sides, overlapping sparse entries,
     opposite-sign updates) and the interference table ‖Δ_B k_A‖ are shown either way.
     """
-    from kledger.ledger.merge import analyse, plan_merge
+    from kledger.merging import do_merge, prepare
 
     ledger = app.ledger()
-    with ledger.session():  # one read-only connection for the whole analysis
-        ours = ledger.head()
-        theirs = ledger.resolve(branch)
-        plan = plan_merge(ledger, ours, theirs, choose_ours, choose_theirs)
-    analyse(plan, ledger.load_delta)
+    plan = prepare(ledger, branch, choose_ours, choose_theirs)
     data: dict[str, Any] = {"strategy": strategy, "branch": branch, "into": ledger.current_branch(),
                             "dry_run": dry_run} | plan.to_json()
     if not app.as_json and not app.quiet:
@@ -137,120 +122,11 @@ def merge(app: App, branch: str, strategy: str, dry_run: bool, choose_ours, choo
     if dry_run:
         app.emit(data, "dry run: nothing was written")
         return
-    ev, extra = do_merge(ledger, plan, strategy, branch=branch, density=density, message=message, app=app,
-                         stats_corpus=stats_corpus)
+    ev, extra = do_merge(ledger, plan, strategy, branch=branch, message=message, device=app.device,
+                         progress=app.show_progress, **options)
     data["merged"] = ev.id
     data.update(extra)
     app.emit(data, f"merged {branch} into {ledger.current_branch()}: {ev.describe()}")
-
-
-def do_merge(ledger: Ledger, plan: MergePlan, strategy: str, *, branch: str, density: float = DEFAULT_DENSITY,
-             message: str | None = None, app: App | None = None, device: str | None = None,
-             progress: bool = False, stats_corpus: str | None = None) -> tuple[Event, dict]:
-    """Append the merge event for ``plan`` with ``strategy``; returns it and strategy details."""
-    from kledger.ledger.merge import ties_correction
-
-    if plan.unresolved:
-        raise StateError(f"expected no unresolved hard conflicts, found {len(plan.unresolved)}")
-    if strategy not in STRATEGIES:
-        raise UsageError(f"expected a strategy in {STRATEGIES}, found {strategy!r}")
-    dropped = plan.dropped()
-    config: dict[str, Any] = {"strategy": strategy, "theirs": branch, "theirs_head": plan.theirs.id,
-                              "supersedes": dropped, "choices": {c.fact: c.choice for c in plan.conflicts}}
-    metrics: dict[str, Any] = {"ours_edits": len(plan.ours_only), "theirs_edits": len(plan.theirs_only),
-                               "conflicts": len(plan.conflicts), "duplicates": len(plan.duplicates),
-                               "overlapping_pairs": len({(o["ours"], o["theirs"]) for o in plan.overlaps})}
-    delta = None
-    method = None
-    request = None
-    extra: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    if strategy == "ties":
-        load = ledger.load_delta
-        delta, stats = ties_correction([load(e) for e in plan.kept("ours")], [load(e) for e in plan.kept("theirs")],
-                                       density)
-        config["density"] = density
-        metrics["ties"] = stats
-        extra["ties"] = stats
-    elif strategy == "resolve":
-        delta, info = _resolve(ledger, plan, device=device or (app.device if app else "auto"),
-                               progress=progress or bool(app and app.show_progress), stats_corpus=stats_corpus)
-        config["supersedes"] = dropped + info["recomputed"]
-        config["methods"] = info["methods"]
-        method = info["method"]
-        request = info["requests"] or None
-        metrics["resolve"] = info["metrics"]
-        extra["resolve"] = {k: v for k, v in info.items() if k != "requests"}
-    metrics["time_s"] = round(time.perf_counter() - t0, 4)
-    ev = ledger.append("merge", parent=plan.ours.id, parents=[plan.ours.id, plan.theirs.id], config=config,
-                       metrics=metrics, delta=delta, method=method, request=request, expect_head=plan.ours.id,
-                       message=message or f"merge {branch} ({strategy})")
-    return ev, extra
-
-
-def _batchable(method: str | None) -> bool:
-    from kledger.editors.registry import EDITORS, editor_class
-
-    if not method or method not in EDITORS:
-        return False
-    cls = editor_class(method)
-    flag = getattr(cls, "batch_solve", None)
-    return bool(flag) if flag is not None else method in BATCH_METHODS
-
-
-def _resolve(ledger: Ledger, plan: MergePlan, *, device: str, progress: bool,
-             stats_corpus: str | None = None) -> tuple[Any, dict]:
-    """Re-solve the union of both sides' batch-method requests in one solve per method+config,
-    starting from the merged active set without those edits (so edits of other methods and
-    both sides' reverts are already in the model)."""
-    from kledger.cli.rebase import compute_edit, load_model_with
-    from kledger.ledger.merge import combine, requests_of
-
-    side = sorted(plan.kept("ours") + plan.kept("theirs"), key=lambda e: e.seq)
-    groups: dict[tuple[str, str], list[Event]] = {}
-    kept_sum = []
-    for ev in side:
-        if ev.type == "add" and _batchable(ev.method):
-            groups.setdefault((ev.method, canonical_json(ev.config or {})), []).append(ev)
-        else:
-            kept_sum.append(ev.id)
-    info: dict[str, Any] = {"recomputed": [], "methods": [], "method": None, "requests": [], "kept_as_sum": kept_sum,
-                            "metrics": {}}
-    if not groups:
-        info["note"] = "no side edit of a batch-solving method; resolve equals sum"
-        return None, info
-    recomputed = {e.id for g in groups.values() for e in g}
-    drop = set(plan.dropped())
-    start = [i for i in plan.merged_live if i not in recomputed and i not in drop]
-    model, tok, start_events = load_model_with(ledger, start, device)
-    deltas = []
-    done: dict[str, list[dict]] = {}
-    t0 = time.perf_counter()
-    per_group = []
-    for (method, cfg_json), evs in groups.items():
-        reqs: list[FactRequest] = []
-        for e in evs:
-            for r in requests_of(e):
-                fr = FactRequest.from_json(r)
-                if fr not in reqs:
-                    reqs.append(fr)
-        states = [dict(ledger.load_delta(e).state) for e in start_events if e.method == method]
-        states += done.get(method, [])
-        results = compute_edit(ledger, model, tok, method, evs[0].config, reqs, states, progress=progress,
-                               stats_corpus=stats_corpus)
-        d = combine([r.delta for r in results])
-        from kledger.ledger.compose import apply_deltas
-
-        apply_deltas(model, [d])
-        deltas.append(d)
-        done.setdefault(method, []).append(dict(d.state))
-        info["requests"].extend(r.to_json() for r in reqs)
-        info["methods"].append({"method": method, "events": [e.id for e in evs], "requests": len(reqs)})
-        per_group.append([dict(r.metrics) for r in results])
-    info["recomputed"] = [e.id for e in side if e.id in recomputed]
-    info["method"] = info["methods"][0]["method"] if len(info["methods"]) == 1 else None
-    info["metrics"] = {"solve_s": round(time.perf_counter() - t0, 3), "results": per_group}
-    return combine(deltas), info
 
 
 # --------------------------------------------------------------------------------------------

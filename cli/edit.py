@@ -14,7 +14,7 @@ from kledger.cli.main import cli
 from kledger.editors.registry import EDITORS, editor_class
 from kledger.ledger.errors import NotFoundError, UsageError
 from kledger.ledger.records import FactRequest, load_requests
-from kledger.ledger.store import Ledger, find_ledger
+from kledger.ledger.store import Ledger
 
 
 def _method_help() -> str:
@@ -56,7 +56,7 @@ def _parse_sets(pairs: tuple[str, ...], config_file: str | None) -> dict:
 @pass_app
 def init(app: App, model_spec: str, directory: str, probes: str | None) -> None:
     """Create a ledger (.kledger/) for a base model; record its fingerprint."""
-    from kledger.cli.workflow import init_ledger  # torch and the editors: only when a model is needed
+    from kledger.workspace import init_ledger  # torch and the editors: only when a model is needed
 
     if probes not in (None, "default") and not Path(probes).is_file():
         raise UsageError(f"--probes: expected 'default' or a probe file, found no file {probes!r}")
@@ -125,7 +125,7 @@ def add(app: App, prompt, target, subject, target_true, method, from_file, batch
         if "blue" not in {f.name for f in dataclasses.fields(cls.config_cls)}:
             raise UsageError(f"--blue: expected a locate-then-edit method (memit, alphaedit), found {method!r}")
         overrides["blue"] = True
-    from kledger.cli.workflow import Workspace  # torch and the editors: only when a model is needed
+    from kledger.workspace import Workspace  # torch and the editors: only when a model is needed
 
     ledger = _ledger_or_init(app, model_spec)
     ws = Workspace(ledger, device=app.device, progress=app.show_progress, model_spec=model_spec, guard=guard)
@@ -152,7 +152,7 @@ def _ledger_or_init(app: App, model_spec: str | None) -> Ledger:
     except NotFoundError:
         if model_spec is None or app.ledger_dir or os.environ.get("KLEDGER_DIR"):
             raise
-    from kledger.cli.workflow import init_ledger
+    from kledger.workspace import init_ledger
 
     ledger = init_ledger(".", model_spec)
     if not app.quiet and not app.as_json:
@@ -173,10 +173,15 @@ def _event_summary(ev) -> dict:
 @pass_app
 def revert(app: App, event: str, message: str | None, rebase: bool = False) -> None:
     """Undo EVENT exactly by appending a compensating event (like git revert)."""
-    if rebase:
-        from kledger.cli.rebase import rebase_revert_cmd
-
-        return rebase_revert_cmd(app, event, message)
     ledger = app.ledger()
+    if rebase:
+        from kledger.rebase import rebase_revert
+
+        res = rebase_revert(ledger, event, device=app.device, progress=app.show_progress, message=message)
+        text = [f"reverted {res.reverts[0].target} and recomputed {res.recomputed} later edits"
+                f" ({len(res.added)} new events) in {res.seconds:.1f} s"]
+        if not app.quiet:
+            text += [e.describe() for e in res.reverts + res.added]
+        return app.emit(res.to_json(), "\n".join(text))
     ev = ledger.revert(event, message=message)
     app.emit(_event_summary(ev), ev.describe())

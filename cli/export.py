@@ -15,7 +15,7 @@ from kledger.cli.main import cli
 @pass_app
 def export(app: App, out: str, ref: str, force: bool) -> None:
     """Materialise a version onto the base model and save it to OUT, with kledger.json provenance."""
-    from kledger.cli.workflow import Workspace  # torch: only when a model is needed
+    from kledger.workspace import Workspace  # torch: only when a model is needed
 
     ws = Workspace(app.ledger(), device=app.device, progress=app.show_progress)
     m = ws.export(out, ref, overwrite=force)

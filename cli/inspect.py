@@ -135,7 +135,7 @@ def verify(app: App, no_objects: bool, anchor: str | None) -> None:
 @pass_app
 def generate(app: App, prompt: str, ref: str, max_new_tokens: int, expect: str | None) -> None:
     """Greedy continuation of PROMPT by the model at a version."""
-    from kledger.cli.workflow import Workspace
+    from kledger.workspace import Workspace
     from kledger.editors.scoring import greedy
     from kledger.ledger.errors import KledgerError
 

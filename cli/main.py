@@ -61,24 +61,8 @@ class _Group(click.Group):
 @click.pass_context
 def cli(ctx, ledger_dir, as_json, quiet, device, verbose):
     """kledger: auditable, reversible knowledge editing with an append-only ledger."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="kledger: %(message)s", stream=sys.stderr, force=True)
-    for noisy in ("transformers", "accelerate", "huggingface_hub", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    # transformers is imported only by commands that load a model (it costs seconds): these make
-    # it quiet when it is; if it already is (kledger used in-process), quieten it directly
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if "transformers" in sys.modules:
-        try:
-            from transformers.utils import logging as tlog
-
-            tlog.set_verbosity_error()
-            tlog.disable_progress_bar()
-        except Exception:  # pragma: no cover
-            pass
+    if verbose:  # asked for: more of kledger's own log output (the process's handlers print it)
+        logging.getLogger("kledger").setLevel(logging.WARNING - 10 * min(verbose, 2))
     ctx.obj = App(ledger_dir=ledger_dir, as_json=as_json, quiet=quiet, device=device, verbose=verbose)
 
 
@@ -96,7 +80,24 @@ COMMANDS = {
 }
 
 
+def configure_process() -> None:
+    """What the ``kledger`` program sets up for its own process: log lines on stderr, quiet
+    libraries, the Hugging Face hub offline. Only ``main`` calls it; code that invokes ``cli``
+    in-process keeps its own environment and logging configuration."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # transformers is imported only by commands that load a model (it costs seconds): these make
+    # it quiet when it is
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(level=logging.WARNING, format="kledger: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
 def main(argv=None) -> None:
+    """The ``kledger`` program (console script and ``python -m kledger.cli.main``)."""
+    configure_process()
     cli.main(args=argv, prog_name="kledger")
 
 

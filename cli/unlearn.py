@@ -109,7 +109,7 @@ def _run(app: App, mode: str, prompt, target, subject, from_file, limit, retain_
         disc = "discriminated against" if cfg.discriminate and retain else "not discriminated;"
         click.echo(f"{mode}: {len(requests)} fact(s), subspace {disc} {len(retain)} retain fact(s);"
                    f" fitting (steps {cfg.steps}, {cfg.fit})…", err=True)
-    from kledger.cli.workflow import Workspace
+    from kledger.workspace import Workspace
 
     ws = Workspace(ledger, device=app.device, progress=app.show_progress, model_spec=model_spec, guard=guard)
     app.progress_note(f"loading the working model at {ledger.head().id}")

@@ -126,6 +126,7 @@ class AlphaEditEditor(Editor):
     paper = "https://arxiv.org/abs/2410.02355 (BLUE: https://arxiv.org/abs/2502.03748)"
     config_cls = AlphaEditConfig
     needs_history = True  # ctx.history["states"]: earlier active AlphaEdit events' Delta.state
+    batch_solve = True  # one closed-form solve per batch (merge --strategy resolve re-solves together)
 
     def __init__(self, config: AlphaEditConfig | None = None) -> None:
         super().__init__(config)

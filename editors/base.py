@@ -48,12 +48,22 @@ class EditContext:
 
 
 class Editor(ABC):
-    """Base class. Subclasses set ``name``, ``summary``, ``paper``, ``config_cls``."""
+    """Base class. Subclasses set ``name``, ``summary``, ``paper``, ``config_cls``, and override
+    the three declarations the orchestrator (``kledger.workspace``) reads where their default is
+    not theirs: ``event_type``, ``needs_history`` and ``batch_solve``."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     paper: ClassVar[str]
     config_cls: ClassVar[type]
+    #: the ledger event type appended for each result ("forget"/"learn" for UNLEARN/LEARN)
+    event_type: ClassVar[str] = "add"
+    #: whether ``compute`` reads ``EditContext.history["states"]``: the ``Delta.state`` of the
+    #: earlier active events of the same method (AlphaEdit's keys), which the orchestrator loads
+    needs_history: ClassVar[bool] = False
+    #: whether one call solves a batch of requests jointly (one closed form): a merge's
+    #: ``resolve`` strategy re-solves such a method's side edits together
+    batch_solve: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_cls()

@@ -67,6 +67,7 @@ class MEMITEditor(Editor):
     summary = "MEMIT: closed-form batch update of the MLP output projections of a few layers (BLUE: blue=true)"
     paper = "https://arxiv.org/abs/2210.07229 (BLUE: https://arxiv.org/abs/2502.03748)"
     config_cls = MEMITConfig
+    batch_solve = True  # one closed-form solve per batch (merge --strategy resolve re-solves together)
 
     def compute(self, model: nn.Module, tok, requests: Sequence[FactRequest], ctx: EditContext) -> list[EditResult]:
         return locate_edit(self.name, model, tok, requests, ctx, self.config, MEMITSolver(self.config))

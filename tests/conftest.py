@@ -12,6 +12,13 @@ import pathlib
 import pytest
 import torch
 
+# the test process owns its environment, and sets what the `kledger` program sets for itself
+# (in-process callers of the CLI keep theirs): tiny models are local folders, nothing is fetched,
+# and no library progress bar mixes into the output the tests parse
+for _key, _value in (("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                     ("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+    os.environ.setdefault(_key, _value)
+
 WORDS = (
     "The Eiffel Tower is located in the city of Paris Rome London Berlin Madrid France Italy "
     "Danielle Darrieux mother tongue language English French German Spanish Michel Rocard a native speaker "
@@ -107,14 +114,20 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def run_cli(args, ledger_dir=None, **kw):
-    """``kledger [--ledger DIR] --quiet ARGS`` through click's CliRunner (exceptions propagate)."""
+def invoke(args, **kw):
+    """``kledger ARGS`` in this process through click's CliRunner (the one place tests reach the
+    command; everything else they test through ``kledger``'s Python API)."""
     from click.testing import CliRunner
 
     from kledger.cli.main import cli
 
+    return CliRunner().invoke(cli, [str(a) for a in args], **kw)
+
+
+def run_cli(args, ledger_dir=None, **kw):
+    """``kledger [--ledger DIR] --quiet ARGS`` through click's CliRunner (exceptions propagate)."""
     full = (["--ledger", str(ledger_dir)] if ledger_dir else []) + ["--quiet"] + list(args)
-    return CliRunner().invoke(cli, full, catch_exceptions=False, **kw)
+    return invoke(full, catch_exceptions=False, **kw)
 
 
 @pytest.fixture()

@@ -10,11 +10,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from kledger.cli import workflow
-from kledger.cli.main import cli
-from kledger.cli.workflow import Workspace, init_ledger
+from kledger import Workspace, init_ledger, workspace
 from kledger.editors.base import EditResult, Editor
 from kledger.editors.models import load_model
 from kledger.editors.sites import sites_for
@@ -25,6 +22,8 @@ from kledger.audit.drift import DriftTracker, top_singular_value
 from kledger.audit.probes import ProbeSet, build_probes, latest_probes_event, load_probes
 from kledger.ledger.records import FactRequest
 from kledger.ledger.store import Ledger
+
+from conftest import invoke
 
 
 # --- a test-only editor: a deterministic low-rank delta of a chosen relative size ------------
@@ -58,7 +57,9 @@ class ToyEditor(Editor):
 
 @pytest.fixture
 def toy(monkeypatch):
-    monkeypatch.setattr(workflow, "editor_class", lambda name: ToyEditor)
+    from kledger.editors import registry
+
+    monkeypatch.setitem(registry.EDITORS, "toy", ToyEditor)
     return ToyEditor
 
 
@@ -70,7 +71,7 @@ def _requests(n: int, tag: str = "") -> list[FactRequest]:
 
 
 def _run(args, code=0):
-    res = CliRunner().invoke(cli, args)
+    res = invoke(args)
     assert res.exit_code == code, (res.exit_code, res.output, res.exception)
     return res
 
@@ -430,7 +431,7 @@ def test_every_edit_gets_a_pulse_once_probes_are_recorded_and_a_bad_one_warns(tm
     # a recorded tight KL bound makes a large edit cross it: the pulse warns at that edit
     A.record_thresholds(ledger, {"kl": 1e-6})
     warned = []
-    monkeypatch.setattr(workflow.log, "warning", lambda msg, *a: warned.append(msg % a))
+    monkeypatch.setattr(workspace.log, "warning", lambda msg, *a: warned.append(msg % a))
     bad = Workspace(ledger, device="cpu").add(_requests(1, "z"), method="toy", overrides={"scale": 5.0, "layer": 1})[0]
     assert "kl" in bad.metrics["pulse"]["crossed"] and bad.metrics["pulse"]["kl"] > 1e-6
     assert len(warned) == 1 and "collapse warning after this edit: kl" in warned[0]

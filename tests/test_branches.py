@@ -11,17 +11,17 @@ import shutil
 import pytest
 import torch
 import torch.nn as nn
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kledger.cli.branch import do_merge
-from kledger.cli.main import cli
 from kledger.ledger.compose import materialise
 from kledger.ledger.deltas import Delta, LowRankDelta, SparseDelta
 from kledger.ledger.errors import StateError
-from kledger.ledger.merge import plan_merge
+from kledger.ledger.mergeplan import plan_merge
+from kledger.merging import do_merge
 from kledger.ledger.store import Ledger
+
+from conftest import invoke
 
 SHAPES = {"a": (6, 8), "b": (5, 4)}
 FAKE_MODEL = {"spec": "fake", "path": "/nonexistent", "fingerprint": "0" * 64}
@@ -63,7 +63,7 @@ def new_ledger(tmp_path) -> Ledger:
 
 
 def run(ledger: Ledger, *args):
-    res = CliRunner().invoke(cli, ["--ledger", str(ledger.root), *args], catch_exceptions=False)
+    res = invoke(["--ledger", str(ledger.root), *args], catch_exceptions=False)
     return res
 
 

@@ -10,10 +10,8 @@ from pathlib import Path
 import duckdb
 import pytest
 import torch
-from click.testing import CliRunner
 
-from kledger.cli.main import cli
-from conftest import run_cli as run  # the `led` fixture is in conftest too
+from conftest import invoke, run_cli as run  # the `led` fixture is in conftest too
 from kledger.editors import registry
 from kledger.editors.base import Editor, EditResult
 from kledger.ledger.deltas import Delta, SparseDelta
@@ -80,7 +78,7 @@ def test_revert_restores_base_exactly_through_cli(led, tiny_llama_dir):
     a = json.loads(_add(led).output)[0]["id"]
     b = json.loads(_add(led, target=" London").output)[0]["id"]
     assert run(["revert", a], led).exit_code == 0
-    from kledger.cli.workflow import Workspace
+    from kledger import Workspace
     from kledger.ledger.compose import apply_deltas
 
     ws = Workspace(Ledger.open(led), device="cpu")
@@ -222,12 +220,29 @@ def test_from_file_one_event_per_fact(led, tmp_path):
 
 
 def test_help_lists_methods_with_paper_links():
-    r = CliRunner().invoke(cli, ["add", "--help"])
+    r = invoke(["add", "--help"])
     assert r.exit_code == 0 and "kne:" in r.output and "arxiv.org" in r.output
 
 
 def test_no_ledger_found_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("KLEDGER_DIR", raising=False)
-    r = CliRunner().invoke(cli, ["log"])
+    r = invoke(["log"])
     assert r.exit_code == 1 and "kledger init" in r.output
+
+
+def test_the_command_in_process_leaves_environment_and_logging_alone(led):
+    """`cli` run inside another program (CliRunner here) changes neither the process environment
+    nor the logging configuration; only the `kledger` program (`main`) sets those up."""
+    import logging
+    import os
+
+    env = dict(os.environ)
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level, logging.getLogger("transformers").level,
+              logging.getLogger("kledger").level)
+    r = run(["log"], led)
+    assert r.exit_code == 0, r.output
+    assert dict(os.environ) == env
+    assert (list(root.handlers), root.level, logging.getLogger("transformers").level,
+            logging.getLogger("kledger").level) == before

@@ -20,7 +20,8 @@ import kledger.cli
 from kledger.ledger.deltas import Delta, LowRankDelta, SparseDelta
 from kledger.ledger.store import Ledger
 
-HEAVY = ("torch", "transformers", "safetensors.torch", "kledger.editors", "kledger.cli.workflow",
+HEAVY = ("torch", "transformers", "safetensors.torch", "kledger.editors", "kledger.workspace", "kledger.rebase",
+         "kledger.auditing", "kledger.audit.auditor",
          "kledger.ledger.deltas", "kledger.ledger.compose",
          "numpy")  # `show` sums small deltas in plain Python (numpy alone costs ~0.1 s to import)
 
@@ -102,8 +103,17 @@ def test_command_table_matches_the_commands_the_modules_define():
         assert cmd.callback.__module__ == f"kledger.cli.{COMMANDS[name]}", name
 
 
-def test_merge_option_values_repeated_in_the_cli_agree():
-    from kledger.cli import branch
-    from kledger.ledger import merge
+def test_merge_strategies_and_options_come_from_the_registry():
+    """The `merge` command repeats no strategy name or option: both come from kledger.merging,
+    which the light commands (`branch`, `switch`, `branches`) import without torch."""
+    from kledger.cli.main import cli
+    from kledger.merging import STRATEGIES, all_options
 
-    assert branch.STRATEGIES == merge.STRATEGIES and branch.DEFAULT_DENSITY == merge.DEFAULT_DENSITY
+    merge = cli.get_command(None, "merge")
+    params = {p.name: p for p in merge.params}
+    assert list(params["strategy"].type.choices) == list(STRATEGIES) == ["sum", "resolve", "ties"]
+    for o in all_options():
+        assert params[o.name].default == o.default and params[o.name].help == o.help
+    assert params["density"].default == 0.2
+    res = _run_python("import kledger.merging\nOUT = None\n" + _LOADED)
+    assert res["heavy"] == [], f"`import kledger.merging` pulled in {res['heavy']}"

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from kledger.cli.main import cli
-from conftest import run_cli as run
+from conftest import invoke, run_cli as run
 from kledger.ledger.store import Ledger
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -56,7 +54,7 @@ def test_blue_flag_needs_a_locate_method(led):
 
 
 def test_help_lists_methods_with_summary_and_paper_link():
-    r = CliRunner().invoke(cli, ["add", "--help"])
+    r = invoke(["add", "--help"])
     assert r.exit_code == 0
     for name in ("kne", "memit", "alphaedit"):
         line = next(l for l in r.output.splitlines() if l.strip().startswith(name + ":"))

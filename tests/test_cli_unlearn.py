@@ -6,11 +6,9 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from kledger.cli.main import cli
-from conftest import run_cli as run  # the `led` fixture is in conftest too
-from kledger.cli.workflow import Workspace
+from conftest import invoke, run_cli as run  # the `led` fixture is in conftest too
+from kledger import Workspace
 from kledger.editors.scoring import score_targets
 from kledger.editors.unlearn import requests_sha256
 from kledger.ledger.records import FactRequest, load_requests
@@ -154,7 +152,7 @@ def test_text_output_and_gpt2(tmp_path, tiny_gpt2_dir, files):
     work = tmp_path / "g"
     r = run(["init", "--model", str(tiny_gpt2_dir), "--dir", str(work)])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(cli, ["--ledger", str(work), "forget", "--from-file", str(files["forget"]),
+    r = invoke(["--ledger", str(work), "forget", "--from-file", str(files["forget"]),
                                  "--retain-file", str(files["retain"]), *TINY], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "forget" in r.output and "rank" in r.output and "retain NLL" in r.output
@@ -226,7 +224,7 @@ def test_bad_input_is_one_line_with_exit_code_and_records_nothing(led, files, tm
 
 
 def test_help_lists_the_commands():
-    r = CliRunner().invoke(cli, ["--help"])
+    r = invoke(["--help"])
     assert r.exit_code == 0 and "forget" in r.output and "learn" in r.output
-    r = CliRunner().invoke(cli, ["forget", "--help"])
+    r = invoke(["forget", "--help"])
     assert r.exit_code == 0 and "--retain-file" in r.output and "--no-discriminate" in r.output

@@ -16,18 +16,18 @@ from typing import Sequence
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from kledger.cli.main import cli
-from kledger.cli.rebase import rebase_revert
-from kledger.cli.workflow import Workspace, init_ledger
+from kledger import Workspace, init_ledger, rebase_revert
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
 from kledger.editors.models import load_model
 from kledger.ledger.compose import materialise
 from kledger.ledger.deltas import Delta, LowRankDelta, SparseDelta
-from kledger.ledger.merge import analyse, plan_merge, ties_correction
+from kledger.ledger.merge import analyse, ties_correction
+from kledger.ledger.mergeplan import plan_merge
 from kledger.ledger.records import FactRequest
 from kledger.ledger.store import Ledger
+
+from conftest import invoke
 
 from test_branches import FAKE_MODEL, Params, add, run, sparse, weights  # noqa: E402
 
@@ -102,7 +102,7 @@ def test_ties_matches_reference(tmp_path, density):
 def test_ties_without_overlap_is_sum():
     a = Delta({"a": SparseDelta((6, 8), torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))})
     b = Delta({"a": SparseDelta((6, 8), torch.tensor([2, 3]), torch.tensor([1.0, -2.0]))})
-    corr, stats = ties_correction([a], [b])
+    corr, stats = ties_correction([a], [b], 0.2)
     assert corr is None and stats["overlap_entries"] == 0
 
 
@@ -258,7 +258,7 @@ def test_rebase_revert_equals_never_having_the_edit(tmp_path, tiny_llama_dir, ls
     P.revert(evs[1].id)
     plain = model_at(P, tiny_llama_dir).get_parameter(PARAM).detach()
     assert not torch.allclose(plain, want, atol=1e-4)
-    r = CliRunner().invoke(cli, ["--ledger", str(L.root), "--json", "--device", "cpu", "revert", evs[1].id,
+    r = invoke(["--ledger", str(L.root), "--json", "--device", "cpu", "revert", evs[1].id,
                                  "--rebase"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
@@ -269,7 +269,7 @@ def test_rebase_revert_equals_never_having_the_edit(tmp_path, tiny_llama_dir, ls
     assert [e.request["subject"] for e in L.active()] == ["Alice", "Carol", "Dan", "Eve"]
     assert all(e.metrics.get("rebased_from") for e in L.active()[1:])
     # already reverted now
-    r = CliRunner().invoke(cli, ["--ledger", str(L.root), "revert", evs[1].id, "--rebase"])
+    r = invoke(["--ledger", str(L.root), "revert", evs[1].id, "--rebase"])
     assert r.exit_code == 1 and "already reverted" in r.output
 
 

@@ -1,4 +1,4 @@
-"""``kledger revert EVENT --rebase``: remove an edit as if it had never happened.
+"""Rebase-revert (``kledger revert EVENT --rebase``): remove an edit as if it had never happened.
 
 Plain ``revert`` subtracts the event's delta exactly, but every later edit was computed on a
 model that contained it: AlphaEdit projects later updates away from the keys it accumulated,
@@ -25,49 +25,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-from kledger.cli.app import App
 from kledger.ledger.errors import StateError
-from kledger.ledger.merge import requests_of
+from kledger.ledger.mergeplan import requests_of
 from kledger.ledger.records import DELTA_EVENT_TYPES, Event, FactRequest
 from kledger.ledger.store import Ledger
 
 log = logging.getLogger(__name__)
 
 RECOMPUTABLE = ("add", "forget", "learn")
-
-
-def load_model_with(ledger: Ledger, ids: Sequence[str], device: str = "auto"):
-    """The base model with the deltas of events ``ids`` applied; returns (model, tok, events)."""
-    from kledger.cli.workflow import Workspace
-    from kledger.ledger.compose import apply_deltas
-
-    model, tok, _ = Workspace(ledger, device=device).load_base()
-    events = ledger.events_by_ids(list(ids))
-    if events:
-        apply_deltas(model, [ledger.load_delta(e) for e in events])
-    return model, tok, events
-
-
-def compute_edit(ledger: Ledger, model, tok, method: str, config: Mapping[str, Any] | None,
-                 requests: Sequence[FactRequest], states: list[dict], progress: bool = False, seed: int = 0,
-                 stats_corpus: str | None = None, **compute_kwargs):
-    """Run ``method`` with its recorded config on ``requests``; ``states`` = method history.
-
-    ``stats_corpus``: the key-statistics corpus the original edits used, if not the default
-    (it is not recorded in the event; key statistics are cached per corpus)."""
-    from kledger.editors.base import EditContext, make_config
-    from kledger.editors.registry import editor_class
-
-    cls = editor_class(method)
-    editor = cls(make_config(cls.config_cls, dict(config or {})))
-    ctx = EditContext(
-        fingerprint=ledger.base_model().get("fingerprint", ""), cache_dir=ledger.cache_dir,
-        history={"states": states} if getattr(cls, "needs_history", False) else {},
-        progress=progress, seed=seed, stats_corpus=stats_corpus,
-    )
-    return editor.compute(model, tok, list(requests), ctx, **compute_kwargs)
 
 
 def retain_of(ev: Event) -> list[FactRequest]:
@@ -104,7 +71,7 @@ def plan_rebase(ledger: Ledger, target_ref: str) -> RebasePlan:
 
 
 def _plan_rebase(ledger: Ledger, target_ref: str) -> RebasePlan:
-    from kledger.editors.registry import EDITORS
+    from kledger.editors.registry import EDITORS  # the editors (and torch): only when rebasing
 
     head = ledger.head()
     target = ledger.resolve(target_ref)
@@ -140,11 +107,12 @@ def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", prog
     ``model_tok``: an already loaded *base* model and tokenizer to use (it is modified).
     """
     from kledger.ledger.compose import apply_deltas
+    from kledger.workspace import Workspace, compute_edit, method_states
 
     t0 = time.perf_counter()
     plan = plan_rebase(ledger, target_ref)
     if model_tok is None:
-        model, tok, prefix_events = load_model_with(ledger, plan.prefix, device)
+        model, tok, prefix_events = Workspace(ledger, device=device).model_with(plan.prefix)
     else:
         model, tok = model_tok
         prefix_events = ledger.events_by_ids(plan.prefix)
@@ -155,8 +123,7 @@ def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", prog
     new_states: dict[str, list[dict]] = {}  # ... and of the recomputed ones
     for ev in plan.later:
         if ev.method not in prefix_states:
-            prefix_states[ev.method] = [dict(ledger.load_delta(e).state) for e in prefix_events
-                                        if e.method == ev.method]
+            prefix_states[ev.method] = method_states(ledger, ev.method, prefix_events)
         hist = prefix_states[ev.method] + new_states.get(ev.method, [])
         reqs = [FactRequest.from_json(r) for r in requests_of(ev)]
         t1 = time.perf_counter()
@@ -191,16 +158,3 @@ def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", prog
         head = ev.id
     out.seconds = time.perf_counter() - t0
     return out
-
-
-def rebase_revert_cmd(app: App, event: str, message: str | None) -> None:
-    """CLI body of ``revert EVENT --rebase``."""
-    import click
-
-    ledger = app.ledger()
-    res = rebase_revert(ledger, event, device=app.device, progress=app.show_progress, message=message)
-    text = [f"reverted {res.reverts[0].target} and recomputed {res.recomputed} later edits"
-            f" ({len(res.added)} new events) in {res.seconds:.1f} s"]
-    if not app.quiet:
-        text += [e.describe() for e in res.reverts + res.added]
-    app.emit(res.to_json(), "\n".join(text))

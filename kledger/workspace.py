@@ -1,7 +1,8 @@
-"""The porcelain: init, add, forget, learn, revert, export as library calls (CLI, examples, benches).
+"""The orchestrator: init, add, forget, learn, revert, export as library calls (CLI, examples, benches).
 
 This is the one place where editors meet the ledger: requests go to an editor, its deltas go to
-``Ledger.append``. The working model is the base model materialised at the branch head; each
+``Ledger.append`` (``kledger.rebase`` and ``kledger.merging`` recompute edits through
+``compute_edit`` here). The working model is the base model materialised at the branch head; each
 batch's deltas are written into it before the next batch, so a file of facts is edited
 sequentially (the lifelong setting) and every fact is its own revertable event.
 ``forget``/``learn`` (UNLEARN/LEARN) take a whole set of facts (plus a retain set) and append
@@ -10,6 +11,7 @@ one event for it; they share ``_edit`` with ``add``.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,27 +20,23 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from kledger.editors.base import EditContext, config_to_json, make_config
+from kledger.audit.drift import DriftTracker, SafetensorsBase, cache_file, measure_edit
+from kledger.editors.base import EditContext, Editor, EditResult, config_to_json, make_config
 from kledger.editors.models import cache_dir as models_cache_dir
-from kledger.editors.models import load_model, resolve_model_path
+from kledger.editors.models import fingerprint, load_model, resolve_model_path
 from kledger.editors.registry import editor_class
 from kledger.ledger.compose import Materialised, apply_deltas, export, materialise
 from kledger.ledger.deltas import accumulate
-from kledger.audit.drift import DriftTracker, SafetensorsBase, cache_file, measure_edit
-from kledger.ledger.errors import StateError, UsageError
+from kledger.ledger.errors import AuditThresholdError, StateError, UsageError
 from kledger.ledger.records import Event, FactRequest
-from kledger.ledger.store import DIRNAME, Ledger
+from kledger.ledger.store import Ledger
 
 log = logging.getLogger(__name__)
 
 
 def init_ledger(directory: str | Path, model_spec: str, message: str | None = None) -> Ledger:
     """Create ``DIR/.kledger`` recording the base model (spec, resolved path, fingerprint)."""
-    from kledger.editors.models import fingerprint
-
     path = resolve_model_path(model_spec)
-    import json
-
     cfg = json.loads((path / "config.json").read_text())
     model = {
         "spec": model_spec,
@@ -48,6 +46,40 @@ def init_ledger(directory: str | Path, model_spec: str, message: str | None = No
         "architectures": cfg.get("architectures"),
     }
     return Ledger.create(directory, model, message=message or f"init {model_spec}")
+
+
+def make_editor(method: str, config: Mapping[str, Any] | None = None) -> Editor:
+    """The registered editor ``method`` with its config built from ``config`` (JSON or strings)."""
+    cls = editor_class(method)
+    return cls(make_config(cls.config_cls, dict(config or {})))
+
+
+def edit_context(ledger: Ledger, editor: Editor, states: Sequence[Mapping] = (), *, progress: bool = False,
+                 seed: int = 0, stats_corpus: str | None = None) -> EditContext:
+    """What an editor may know: the base fingerprint and cache, and (when it declares
+    ``needs_history``) ``states``, the method state of the earlier active events."""
+    return EditContext(
+        fingerprint=ledger.base_model().get("fingerprint", ""), cache_dir=ledger.cache_dir,
+        history={"states": [dict(s) for s in states]} if editor.needs_history else {},
+        progress=progress, seed=seed, stats_corpus=stats_corpus,
+    )
+
+
+def method_states(ledger: Ledger, method: str, events: Sequence[Event]) -> list[dict]:
+    """The ``Delta.state`` of those ``events`` made by ``method`` (an editor's history)."""
+    return [dict(ledger.load_delta(e).state) for e in events if e.method == method]
+
+
+def compute_edit(ledger: Ledger, model, tok, method: str, config: Mapping[str, Any] | None,
+                 requests: Sequence[FactRequest], states: Sequence[Mapping] = (), progress: bool = False,
+                 seed: int = 0, stats_corpus: str | None = None, **compute_kwargs: Any) -> list[EditResult]:
+    """Run ``method`` with a recorded ``config`` on ``requests``; ``states`` = its history.
+
+    ``stats_corpus``: the key-statistics corpus the original edits used, if not the default
+    (it is not recorded in the event; key statistics are cached per corpus)."""
+    editor = make_editor(method, config)
+    ctx = edit_context(ledger, editor, states, progress=progress, seed=seed, stats_corpus=stats_corpus)
+    return editor.compute(model, tok, list(requests), ctx, **compute_kwargs)
 
 
 @dataclass
@@ -72,6 +104,14 @@ class Workspace:
         spec = self.model_spec or base["spec"]
         model, tok, info = load_model(spec, self.device, expect_fingerprint=base["fingerprint"])
         return model, tok, info
+
+    def model_with(self, ids: Sequence[str]):
+        """A fresh base model with the deltas of events ``ids`` applied: (model, tok, events)."""
+        model, tok, _ = self.load_base()
+        events = self.ledger.events_by_ids(list(ids))
+        if events:
+            apply_deltas(model, [self.ledger.load_delta(e) for e in events])
+        return model, tok, events
 
     def model_at(self, ref: str | Event = "HEAD"):
         """A fresh base model materialised at ``ref`` (the workspace's own copy is kept)."""
@@ -120,8 +160,7 @@ class Workspace:
         return self._subspace("learn", requests, retain, overrides, on_event, message, method)
 
     def _subspace(self, mode: str, requests, retain, overrides, on_event, message, method) -> Event:
-        cls = editor_class(method)
-        if getattr(cls, "event_type", "add") != mode:
+        if editor_class(method).event_type != mode:
             raise UsageError(f"expected a method that records {mode!r} events, found {method!r}")
         requests = list(requests)
         if not requests:
@@ -147,13 +186,11 @@ class Workspace:
         """Run ``method`` on each batch in turn against the working model: write the batch's deltas
         into it, take the pulse once (if the ledger has probes), refuse the batch if ``guard`` is
         on and the pulse crossed a threshold (nothing appended, the working model is rebuilt),
-        else append one event per result (type ``cls.event_type``, default ``add``), the last one
+        else append one event per result (type ``editor.event_type``), the last one
         carrying the pulse. ``list_requests``: record the requests as a list even when there is
         one (a forget/learn *set*); otherwise a single request is recorded as an object.
         """
-        cls = editor_class(method)
-        editor = cls(make_config(cls.config_cls, overrides))
-        event_type = getattr(cls, "event_type", "add")
+        editor = make_editor(method, overrides)
         if self.guard:
             from kledger.audit.probes import latest_probes_event
 
@@ -161,15 +198,11 @@ class Workspace:
                 raise UsageError("--guard: expected a probe set in the ledger (`kledger init --probes default`"
                                  " or `kledger audit --probes-only`), found none")
         model, tok = self.working()
-        base_info = self.ledger.base_model()
         events: list[Event] = []
         for batch in batches:
             head = self.ledger.head()
-            ctx = EditContext(
-                fingerprint=base_info["fingerprint"], cache_dir=self.ledger.cache_dir,
-                history=self._history(method, head) if getattr(cls, "needs_history", False) else {},
-                progress=self.progress, stats_corpus=stats_corpus,
-            )
+            states = method_states(self.ledger, method, self.ledger.active(head)) if editor.needs_history else ()
+            ctx = edit_context(self.ledger, editor, states, progress=self.progress, stats_corpus=stats_corpus)
             t0 = time.perf_counter()
             results = editor.compute(model, tok, list(batch), ctx, **compute_kwargs)
             elapsed = time.perf_counter() - t0
@@ -193,7 +226,7 @@ class Workspace:
                     if len(res.requests) == 1 and not list_requests:
                         req_json = req_json[0]
                     ev = self.ledger.append(
-                        event_type, request=req_json, method=method, config=config, ensemble=dict(res.ensemble),
+                        editor.event_type, request=req_json, method=method, config=config, ensemble=dict(res.ensemble),
                         metrics=metrics, delta=res.delta, expect_head=head.id, message=message,
                     )
                     head = ev
@@ -211,8 +244,6 @@ class Workspace:
         crossed = (metrics.get("pulse") or {}).get("crossed")
         if not (self.guard and crossed):
             return
-        from kledger.ledger.errors import AuditThresholdError
-
         pl = metrics["pulse"]
         text = ", ".join(f"{k} {pl[k]}" for k in crossed)
         raise AuditThresholdError(
@@ -264,14 +295,6 @@ class Workspace:
 
             self._drift = DriftTracker(base_of, cache=cache_file(models_cache_dir() / "drift", base["fingerprint"]))
         return self._drift
-
-    def _history(self, method: str, head: Event) -> dict[str, Any]:
-        """Method state from earlier active events of the same method (e.g. AlphaEdit's keys)."""
-        states = []
-        for ev in self.ledger.active(head):
-            if ev.method == method:
-                states.append(dict(self.ledger.load_delta(ev).state))
-        return {"states": states}
 
     def revert(self, ref: str, message: str | None = None) -> Event:
         ev = self.ledger.revert(ref, message=message)
