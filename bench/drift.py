@@ -93,11 +93,14 @@ def sequence(args) -> None:
 
         import kledger.editors.registry as reg
 
-        mod = str(reg.EDITORS.get(args.method, "")).split(":")[0]
-        src = Path(__file__).resolve().parents[1] / "editors" / (mod.rsplit(".", 1)[-1] + ".py")
+        import importlib
+
+        mod = importlib.import_module(str(reg.EDITORS.get(args.method, "")).split(":")[0])
+        src = Path(mod.__file__)  # a package (kne/): the sources of all its modules
+        files = sorted(src.parent.glob("*.py")) if src.name == "__init__.py" else [src]
         _log(work, {"phase": "config", "method": args.method, "n": args.n, "every": args.every, "batch_size": args.batch_size,
                     "threads": torch.get_num_threads(), "sets": args.sets,
-                    "editor_sha256": hashlib.sha256(src.read_bytes()).hexdigest()[:12] if src.is_file() else None})
+                    "editor_sha256": hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]})
     done = len([e for e in ledger.events(types=["add"])])
     reqs = load_requests(str(args.data))[: args.n]
     if done == 0 and not any(r.get("phase") == "audit" for r in _rows(work)):

@@ -37,7 +37,8 @@ import torch
 from kledger.editors.base import EditContext, applied, make_config
 from kledger.editors.models import load_model
 from kledger.editors.scoring import target_token_accuracy
-from kledger.editors.unlearn import LearnConfig, LearnEditor, SubspaceConfig, UnlearnEditor, _Facts, edited_weights
+from kledger.editors.subspace import Facts, edited_weights
+from kledger.editors.unlearn import LearnConfig, LearnEditor, SubspaceConfig, UnlearnEditor
 from kledger.ledger.records import FactRequest
 
 DATA = Path("/work/shared/data")
@@ -171,7 +172,7 @@ def lora_fit(model, tok, reqs, names_t, rank: int, steps: int, lr: float, batch_
     """A plain LoRA on the given weights: ΔW = B A (logical out×in), B = 0, A ~ N(0, 1/in)."""
     g = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
-    facts = _Facts(tok, reqs, next(model.parameters()).device, batch_size)
+    facts = Facts(tok, reqs, next(model.parameters()).device, batch_size)
     ab = {}
     for name, transposed in names_t:
         w = params[name]

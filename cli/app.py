@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
 import click
 
-from kledger.ledger.errors import ModelMismatchError, UsageError
 
 if TYPE_CHECKING:  # duckdb is imported by the first command that opens the ledger (not by --version)
     from kledger.ledger.store import Ledger
@@ -38,28 +36,12 @@ class App:
 
     # --- models --------------------------------------------------------------------------
     def load_base(self, model_spec: str | None = None):
-        """Load the ledger's base model (refusing a ``--model`` whose fingerprint differs)."""
-        from kledger.editors.models import fingerprint, load_model, resolve_model_path
+        """Load the ledger's base model (``--model``: a copy of it, refused if its fingerprint differs)."""
+        from kledger.workspace import Workspace
 
-        ledger = self.ledger()
-        base = ledger.base_model()
-        if model_spec is not None:
-            fp = fingerprint(resolve_model_path(model_spec))
-            if fp != base["fingerprint"]:
-                raise ModelMismatchError(
-                    f"expected the ledger's base model {base['spec']!r} (fingerprint {base['fingerprint'][:16]}…),"
-                    f" found {model_spec!r} with fingerprint {fp[:16]}…"
-                )
-            spec = model_spec
-        else:
-            spec = base["spec"]
-            if not os.path.isdir(base["path"]) and spec == base["path"]:
-                raise UsageError(
-                    f"expected the base model folder {base['path']!r} recorded at init, found it missing;"
-                    " pass --model with a copy of it"
-                )
-        self.progress_note(f"loading base model {spec}")
-        return load_model(spec, self.device, expect_fingerprint=base["fingerprint"])
+        ws = Workspace(self.ledger(), device=self.device, model_spec=model_spec)
+        self.progress_note(f"loading base model {model_spec or self.ledger().base_model()['spec']}")
+        return ws.load_base()
 
     # --- output --------------------------------------------------------------------------
     @property

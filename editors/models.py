@@ -16,14 +16,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kledger.ledger.errors import ModelMismatchError, NotFoundError, UsageError
+from kledger.ledger.objects import replacing_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +87,7 @@ def _ensure_alias(alias: str) -> Path:
     log.info("converting %s once into %s (de-quantising GGUF)", gguf.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
-    try:
+    with replacing_dir(target) as tmp:
         tok = AutoTokenizer.from_pretrained(str(pkg_dir), gguf_file=gguf.name)
         q = AutoModelForCausalLM.from_pretrained(str(pkg_dir), gguf_file=gguf.name, dtype=torch.float32)
         cfg = q.config
@@ -101,12 +98,6 @@ def _ensure_alias(alias: str) -> Path:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         del q
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

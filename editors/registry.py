@@ -28,7 +28,3 @@ def editor_class(name: str):
         return entry
     module, cls = entry.split(":")
     return getattr(importlib.import_module(module), cls)
-
-
-def available() -> list[str]:
-    return sorted(EDITORS)

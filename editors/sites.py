@@ -37,18 +37,16 @@ class Sites:
         return [self.param(t, layer) for t in self.mlp_in]
 
 
-_LLAMA = Sites(
-    family="llama",
-    layers="model.layers",
-    layer="model.layers.{}",
-    mlp="model.layers.{}.mlp",
-    mlp_in=("model.layers.{}.mlp.gate_proj", "model.layers.{}.mlp.up_proj"),
-    mlp_out="model.layers.{}.mlp.down_proj",
-    mlp_out_transposed=False,
-    final_norm="model.norm",
-    lm_head="lm_head",
-)
+def _llama_like(family: str, prefix: str) -> Sites:
+    """The Llama block layout under ``prefix`` (Llama, Mistral, Qwen2/3, Gemma 1–3)."""
+    block = f"{prefix}.layers.{{}}"
+    return Sites(family=family, layers=f"{prefix}.layers", layer=block, mlp=f"{block}.mlp",
+                 mlp_in=(f"{block}.mlp.gate_proj", f"{block}.mlp.up_proj"), mlp_out=f"{block}.mlp.down_proj",
+                 mlp_out_transposed=False, final_norm=f"{prefix}.norm", lm_head="lm_head")
 
+
+_LLAMA = _llama_like("llama", "model")
+_GEMMA3 = _llama_like("gemma3", "model.language_model")  # the text model inside Gemma 3's multimodal wrapper
 _GPT2 = Sites(
     family="gpt2",
     layers="transformer.h",
@@ -58,18 +56,6 @@ _GPT2 = Sites(
     mlp_out="transformer.h.{}.mlp.c_proj",
     mlp_out_transposed=True,
     final_norm="transformer.ln_f",
-    lm_head="lm_head",
-)
-
-_GEMMA3 = Sites(
-    family="gemma3",
-    layers="model.language_model.layers",
-    layer="model.language_model.layers.{}",
-    mlp="model.language_model.layers.{}.mlp",
-    mlp_in=("model.language_model.layers.{}.mlp.gate_proj", "model.language_model.layers.{}.mlp.up_proj"),
-    mlp_out="model.language_model.layers.{}.mlp.down_proj",
-    mlp_out_transposed=False,
-    final_norm="model.language_model.norm",
     lm_head="lm_head",
 )
 

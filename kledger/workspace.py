@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,10 +101,14 @@ class Workspace:
     _thresholds: dict = field(default_factory=dict, repr=False)
 
     def load_base(self):
+        """The ledger's base model, freshly loaded: (model, tok, ModelInfo). ``model_spec``: a
+        copy of it to load instead (refused unless its fingerprint is the recorded one)."""
         base = self.ledger.base_model()
         spec = self.model_spec or base["spec"]
-        model, tok, info = load_model(spec, self.device, expect_fingerprint=base["fingerprint"])
-        return model, tok, info
+        if self.model_spec is None and spec == base.get("path") and not os.path.isdir(spec):
+            raise UsageError(f"expected the base model folder {spec!r} recorded at init, found it missing;"
+                             " pass --model with a copy of it")
+        return load_model(spec, self.device, expect_fingerprint=base["fingerprint"])
 
     def model_with(self, ids: Sequence[str]):
         """A fresh base model with the deltas of events ``ids`` applied: (model, tok, events)."""

@@ -15,8 +15,6 @@ import logging
 import math
 import mmap
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch.nn as nn
 
 from kledger.ledger.deltas import Delta, accumulate
 from kledger.ledger.errors import StateError, UsageError
+from kledger.ledger.objects import replacing_dir
 from kledger.ledger.records import Event
 from kledger.ledger.store import DeltaRef, Ledger
 
@@ -294,17 +293,9 @@ def export(ledger: Ledger, model: nn.Module, tok, out_dir: str | os.PathLike, re
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"expected an empty or new folder for the export, found {out} not empty (use --force)")
     m = materialise(ledger, model, ref)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with replacing_dir(out) as tmp:
         model.save_pretrained(str(tmp))
         if tok is not None:
             tok.save_pretrained(str(tmp))
         (tmp / "kledger.json").write_text(json.dumps(m.provenance(ledger), indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return m

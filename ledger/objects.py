@@ -7,7 +7,9 @@ its final name. Reads check the content hash.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -71,6 +73,24 @@ class ObjectStore:
 
     def temp_files(self) -> list[Path]:
         return sorted(self.root.glob("*/.tmp-*")) if self.root.is_dir() else []
+
+
+@contextlib.contextmanager
+def replacing_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """A new temporary sibling folder of ``target`` to fill; when the block ends without an
+    error it replaces ``target`` (which is removed first if it exists), and in any case it is
+    gone afterwards: a crash never leaves a half-written folder under ``target``'s name."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from kledger.ledger.errors import UsageError
 
@@ -231,7 +231,3 @@ class Event:
         else:
             what = self.method or ""
         return f"{self.id} {self.type:<7} {what}"
-
-
-def iter_json_requests(requests: Iterable[FactRequest]) -> list[dict[str, Any]]:
-    return [r.to_json() for r in requests]

@@ -382,7 +382,7 @@ def test_gradient_positions_reference(models, where, sink):
     candidate linear layer computed with a detached copy of its weight elsewhere)."""
     import torch.nn.functional as F
 
-    from kledger.editors.kne import subject_token_span
+    from kledger.editors.locate import subject_token_span
 
     model, tok, _ = models["llama"]
     k = 200

@@ -10,10 +10,8 @@ from kledger.editors.models import load_model
 from kledger.editors.registry import editor_class
 from kledger.editors.scoring import score_targets
 from kledger.editors.tokens import encode_pairs
-from kledger.editors.unlearn import (
-    LearnConfig, LearnEditor, SubspaceConfig, UnlearnEditor, _Facts, edited_weights, fit_updates,
-    orthogonalise, truncated_svd,
-)
+from kledger.editors.subspace import Facts, edited_weights, fit_updates, orthogonalise, truncated_svd
+from kledger.editors.unlearn import LearnConfig, LearnEditor, SubspaceConfig, UnlearnEditor
 from kledger.ledger.deltas import Delta, LowRankDelta
 from kledger.ledger.errors import UsageError
 from kledger.ledger.records import FactRequest as FR
@@ -170,13 +168,13 @@ def test_gpt2_conv1d_layout(gpt2):
     assert td.shape == tuple(w.shape) and td.u.shape[0] == 4 * hidden and td.v.shape[0] == hidden
     # reference: refit T in the logical out×in layout and compare −scale·T (full energy) transposed
     weights = edited_weights(model, cfg)
-    t = fit_updates(model, _Facts(tok, FORGET, "cpu", 8), weights, cfg)[name]
+    t = fit_updates(model, Facts(tok, FORGET, "cpu", 8), weights, cfg)[name]
     assert t.shape == (hidden, 4 * hidden)
     assert torch.allclose(td.to_dense(), -0.5 * t.T, atol=1e-5)
     # with discrimination on the left (output) side, ΔW_storage @ Q = 0 for the retain basis Q
     cfg = SubspaceConfig(**{**TINY, "layers": (1,)}, side="left")
     r = UnlearnEditor(cfg).compute(model, tok, FORGET, EditContext(), retain=RETAIN)[0]
-    tr = fit_updates(model, _Facts(tok, RETAIN, "cpu", 8), weights, cfg)[name]
+    tr = fit_updates(model, Facts(tok, RETAIN, "cpu", 8), weights, cfg)[name]
     q = truncated_svd(tr, cfg.retain_energy, cfg.max_rank).u
     assert torch.allclose(r.delta.tensors[name].to_dense() @ q, torch.zeros(4 * hidden, q.shape[1]), atol=1e-5)
 
