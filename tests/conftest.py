@@ -114,6 +114,87 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+# --- ledgers and deltas made by hand (no model is loaded) ------------------------------------
+#: the base-model record of ledgers whose deltas are made in the test
+FAKE_MODEL = {"spec": "fake", "path": "/nonexistent", "fingerprint": "0" * 64}
+#: parameter shapes of ``Params``, the small module hand-made deltas are materialised onto
+SHAPES = {"a": (6, 8), "b": (5, 4)}
+
+
+def new_ledger(path) -> "Ledger":
+    """A fresh ledger in ``path`` over ``FAKE_MODEL``."""
+    from kledger.ledger.store import Ledger
+
+    return Ledger.create(path, FAKE_MODEL)
+
+
+@pytest.fixture
+def fake_ledger(tmp_path, monkeypatch):
+    """A fresh ledger over ``FAKE_MODEL`` (``KLEDGER_DIR`` unset, so lookups see this one)."""
+    monkeypatch.delenv("KLEDGER_DIR", raising=False)
+    return new_ledger(tmp_path)
+
+
+def tensor_delta(kind: str, shape, g: torch.Generator, *, nnz: int = 3, rank: int = 1, scale: float = 1.0):
+    """A random tensor delta of ``kind`` drawn from ``g``: ``nnz`` sparse entries, or rank-``rank``
+    factors, or a dense tensor; values ~ N(0, 1)·``scale``."""
+    from kledger.ledger.deltas import DenseDelta, LowRankDelta, SparseDelta
+
+    shape = tuple(shape)
+    if kind == "sparse":
+        n = 1
+        for d in shape:
+            n *= d
+        return SparseDelta(shape, torch.randperm(n, generator=g)[:nnz], torch.randn(nnz, generator=g) * scale)
+    if kind == "lowrank":
+        return LowRankDelta(shape, torch.randn(shape[0], rank, generator=g) * scale,
+                            torch.randn(shape[1], rank, generator=g) * scale)
+    if kind == "dense":
+        return DenseDelta(shape, torch.randn(*shape, generator=g) * scale)
+    raise ValueError(kind)
+
+
+def sparse_delta(name: str, idx, vals, shape=None):
+    """A one-tensor sparse delta on ``Params``' tensor ``name`` with these entries."""
+    from kledger.ledger.deltas import Delta, SparseDelta
+
+    return Delta({name: SparseDelta(tuple(shape or SHAPES[name]), torch.tensor(idx, dtype=torch.int64),
+                                    torch.tensor(vals, dtype=torch.float32))})
+
+
+def append_edit(ledger, delta, prompt: str, target: str = " x", subject: str | None = None, method: str = "test",
+                **kw):
+    """Append an ``add`` event for a hand-made delta (``kw``: ``append``'s other arguments)."""
+    request = {"prompt": prompt, "target_new": target} | ({"subject": subject} if subject else {})
+    return ledger.append("add", request=request, method=method, delta=delta, **kw)
+
+
+def add_fact(ledger, subject: str, target: str, delta, branch: str | None = None):
+    """Append ``{subject} lives in`` → `` {target}`` (a fact the merge plan can compare)."""
+    return append_edit(ledger, delta, f"{subject} lives in", " " + target, subject, method="fake", branch=branch)
+
+
+class Params(torch.nn.Module):
+    """A module with parameters of ``SHAPES`` (seeded), for materialising hand-made deltas."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        for name, shape in SHAPES.items():
+            setattr(self, name, torch.nn.Parameter(torch.randn(*shape, generator=g), requires_grad=False))
+
+
+def weights(ledger, ref="HEAD") -> dict:
+    """``Params`` materialised at ``ref``: {name: tensor}."""
+    from kledger.ledger.compose import materialise
+
+    m = Params()
+    with ledger.session():
+        materialise(ledger, m, ref)
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+# --- the command ------------------------------------------------------------------------------
 def invoke(args, **kw):
     """``kledger ARGS`` in this process through click's CliRunner (the one place tests reach the
     command; everything else they test through ``kledger``'s Python API)."""
@@ -122,6 +203,11 @@ def invoke(args, **kw):
     from kledger.cli.main import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args], **kw)
+
+
+def run_on(ledger, *args):
+    """``kledger --ledger LEDGER ARGS`` (exceptions propagate)."""
+    return invoke(["--ledger", str(ledger.root), *args], catch_exceptions=False)
 
 
 def run_cli(args, ledger_dir=None, **kw):

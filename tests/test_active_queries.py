@@ -23,9 +23,9 @@ from kledger.ledger.errors import StateError
 from kledger.ledger.records import DELTA_EVENT_TYPES
 from kledger.ledger import graph, verify
 from kledger.ledger.store import Ledger
-from conftest import rewrite_chain
+from conftest import FAKE_MODEL, rewrite_chain
 
-MODEL = {"spec": "fake", "path": "/nonexistent", "fingerprint": "0" * 64}
+MODEL = FAKE_MODEL
 _G = torch.Generator().manual_seed(0)
 BLOBS = [Delta({"w": SparseDelta((4, 4), torch.tensor([i % 16, (i + 5) % 16]), torch.randn(2, generator=_G))}).to_bytes()
          for i in range(8)]

@@ -10,61 +10,22 @@ import shutil
 
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kledger.ledger.compose import materialise
-from kledger.ledger.deltas import Delta, LowRankDelta, SparseDelta
+from kledger.ledger.deltas import Delta, SparseDelta
 from kledger.ledger.errors import StateError
 from kledger.ledger.mergeplan import plan_merge
-from kledger.merging import do_merge
 from kledger.ledger.store import Ledger
+from kledger.merging import do_merge
 
-from conftest import invoke
-
-SHAPES = {"a": (6, 8), "b": (5, 4)}
-FAKE_MODEL = {"spec": "fake", "path": "/nonexistent", "fingerprint": "0" * 64}
-
-
-class Params(nn.Module):
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.a = nn.Parameter(torch.randn(*SHAPES["a"], generator=g), requires_grad=False)
-        self.b = nn.Parameter(torch.randn(*SHAPES["b"], generator=g), requires_grad=False)
-
-
-def weights(ledger: Ledger, ref="HEAD") -> dict[str, torch.Tensor]:
-    m = Params()
-    with ledger.session():
-        materialise(ledger, m, ref)
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
-
-
-def sparse(name: str, idx, vals) -> Delta:
-    return Delta({name: SparseDelta(SHAPES[name], torch.tensor(idx, dtype=torch.int64),
-                                    torch.tensor(vals, dtype=torch.float32))})
+from conftest import SHAPES, Params, new_ledger, sparse_delta as sparse, tensor_delta, weights
+from conftest import add_fact as add, run_on as run
 
 
 def lowrank(name: str, seed: int) -> Delta:
-    g = torch.Generator().manual_seed(seed)
-    r, c = SHAPES[name]
-    return Delta({name: LowRankDelta((r, c), torch.randn(r, 1, generator=g), torch.randn(c, 1, generator=g))})
-
-
-def add(ledger: Ledger, subject: str, target: str, delta: Delta, branch: str | None = None):
-    req = {"prompt": f"{subject} lives in", "subject": subject, "target_new": " " + target}
-    return ledger.append("add", request=req, method="fake", delta=delta, branch=branch)
-
-
-def new_ledger(tmp_path) -> Ledger:
-    return Ledger.create(tmp_path, FAKE_MODEL)
-
-
-def run(ledger: Ledger, *args):
-    res = invoke(["--ledger", str(ledger.root), *args], catch_exceptions=False)
-    return res
+    return Delta({name: tensor_delta("lowrank", SHAPES[name], torch.Generator().manual_seed(seed))})
 
 
 def equal(w1, w2) -> bool:

@@ -17,8 +17,10 @@ import textwrap
 import torch
 
 import kledger.cli
-from kledger.ledger.deltas import Delta, LowRankDelta, SparseDelta
+from kledger.ledger.deltas import Delta, SparseDelta
 from kledger.ledger.store import Ledger
+
+from conftest import append_edit, new_ledger, tensor_delta
 
 HEAVY = ("torch", "transformers", "safetensors.torch", "kledger.editors", "kledger.workspace", "kledger.rebase",
          "kledger.auditing", "kledger.audit.auditor",
@@ -48,12 +50,12 @@ def test_importing_the_cli_imports_no_torch_nor_duckdb():
 
 
 def _small_ledger(tmp_path) -> Ledger:
-    L = Ledger.create(tmp_path, {"spec": "fake", "path": "/nonexistent", "fingerprint": "0" * 64})
+    L = new_ledger(tmp_path)
     g = torch.Generator().manual_seed(0)
     d1 = Delta({"w": SparseDelta((6, 8), torch.tensor([1, 5, 9]), torch.randn(3, generator=g))})
-    d2 = Delta({"w": LowRankDelta((6, 8), torch.randn(6, 2, generator=g), torch.randn(8, 2, generator=g))})
-    L.append("add", request={"prompt": "a is in", "target_new": " x"}, method="fake", delta=d1)
-    L.append("add", request={"prompt": "b is in", "target_new": " y"}, method="fake", delta=d2)
+    d2 = Delta({"w": tensor_delta("lowrank", (6, 8), g, rank=2)})
+    append_edit(L, d1, "a is in", method="fake")
+    append_edit(L, d2, "b is in", " y", method="fake")
     L.revert("HEAD~1")
     return L
 

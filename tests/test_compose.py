@@ -16,6 +16,8 @@ from kledger.ledger.deltas import Delta, DenseDelta, LowRankDelta, SparseDelta, 
 from kledger.ledger.errors import UsageError
 from kledger.ledger.store import Ledger
 
+from conftest import append_edit, tensor_delta
+
 EDITABLE = (
     "model.layers.0.mlp.down_proj.weight",
     "model.layers.1.mlp.down_proj.weight",
@@ -78,23 +80,13 @@ def make_delta(model, seed: int, kinds=("sparse", "lowrank", "dense")) -> Delta:
         kind = kinds[(seed + j) % len(kinds)]
         if len(shape) == 1 and kind == "lowrank":
             kind = "dense"
-        if kind == "sparse":
-            n = 1
-            for s in shape:
-                n *= s
-            k = 1 + seed % 7
-            tensors[name] = SparseDelta(shape, torch.randperm(n, generator=g)[:k], torch.randn(k, generator=g) * 0.1)
-        elif kind == "lowrank":
-            r = 1 + seed % 3
-            tensors[name] = LowRankDelta(shape, torch.randn(shape[0], r, generator=g) * 0.1,
-                                         torch.randn(shape[1], r, generator=g) * 0.1)
-        else:
-            tensors[name] = DenseDelta(shape, torch.randn(*shape, generator=g) * 0.01)
+        tensors[name] = tensor_delta(kind, shape, g, nnz=1 + seed % 7, rank=1 + seed % 3,
+                                     scale=0.01 if kind == "dense" else 0.1)
     return Delta(tensors, {"keys": torch.randn(2, 4, generator=g)})
 
 
 def add(ledger, delta, i=0):
-    return ledger.append("add", request={"prompt": f"p{i}", "target_new": " t"}, method="test", delta=delta)
+    return append_edit(ledger, delta, f"p{i}", " t")
 
 
 # --- the main property --------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import select
@@ -17,19 +16,18 @@ import duckdb
 import pytest
 import torch
 
-from conftest import rewrite_chain
-from kledger.ledger.deltas import Delta, DenseDelta, LowRankDelta, SparseDelta
+from conftest import FAKE_MODEL, append_edit, rewrite_chain, tensor_delta
+from kledger.ledger.deltas import Delta
 from kledger.ledger.errors import IntegrityError, KledgerError, LedgerBusyError
 from kledger.ledger.store import Ledger, row_hash
 
 WRITER = str(Path(__file__).with_name("_writer.py"))
-MODEL = {"spec": "tiny", "fingerprint": "0" * 64}
+MODEL = FAKE_MODEL
 
 
 def delta(i: int) -> Delta:
     g = torch.Generator().manual_seed(i)
-    return Delta({"w": SparseDelta((8, 8), torch.randperm(64, generator=g)[:4], torch.randn(4, generator=g)),
-                  "b": DenseDelta((8,), torch.randn(8, generator=g))})
+    return Delta({"w": tensor_delta("sparse", (8, 8), g, nnz=4), "b": tensor_delta("dense", (8,), g)})
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +36,7 @@ def deltas_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("deltas")
     g = torch.Generator().manual_seed(7)
     for i in range(200):
-        td = (SparseDelta((8, 8), torch.randperm(64, generator=g)[:5], torch.randn(5, generator=g)),
-              LowRankDelta((8, 8), torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)),
-              DenseDelta((8, 8), torch.randn(8, 8, generator=g)))[i % 3]
+        td = tensor_delta(("sparse", "lowrank", "dense")[i % 3], (8, 8), g, nnz=5, rank=2)
         (d / f"{i:03d}.safetensors").write_bytes(Delta({"w": td}, {"keys": torch.randn(3, 4, generator=g)}).to_bytes())
     return d
 
@@ -49,7 +45,7 @@ def deltas_dir(tmp_path_factory) -> Path:
 def ledger(tmp_path) -> Ledger:
     L = Ledger.create(tmp_path, MODEL)
     for i in range(4):
-        L.append("add", request={"prompt": f"fact {i}", "target_new": " x"}, method="test", delta=delta(i))
+        append_edit(L, delta(i), f"fact {i}")
     L.revert("HEAD~2")
     assert L.verify().ok and L.count() == 6
     return L

@@ -29,7 +29,7 @@ from kledger.ledger.store import Ledger
 
 from conftest import invoke
 
-from test_branches import FAKE_MODEL, Params, add, run, sparse, weights  # noqa: E402
+from conftest import FAKE_MODEL, Params, add_fact as add, run_on as run, sparse_delta as sparse, weights
 
 PARAM = "model.layers.1.mlp.down_proj.weight"  # tiny llama: 32 × 64 (out × in)
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,34 +10,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kledger.ledger import store as store_mod
-from kledger.ledger.deltas import Delta, DenseDelta, LowRankDelta, SparseDelta
+from kledger.ledger.deltas import Delta
 from kledger.ledger.errors import NotFoundError, StateError, UsageError
 from kledger.ledger.store import DB_NAME, DIRNAME, GENESIS, Ledger, find_ledger, row_hash
 
-MODEL = {"spec": "tiny", "fingerprint": "f" * 64, "model_type": "llama"}
+from conftest import FAKE_MODEL, append_edit, tensor_delta
+
+MODEL = FAKE_MODEL
 
 
 def small_delta(i: int, kind: str | None = None) -> Delta:
     g = torch.Generator().manual_seed(1000 + i)
-    kind = kind or ("sparse", "lowrank", "dense")[i % 3]
-    if kind == "sparse":
-        td = SparseDelta((6, 4), torch.randperm(24, generator=g)[:3], torch.randn(3, generator=g))
-    elif kind == "lowrank":
-        td = LowRankDelta((6, 4), torch.randn(6, 1, generator=g), torch.randn(4, 1, generator=g))
-    else:
-        td = DenseDelta((6, 4), torch.randn(6, 4, generator=g))
+    td = tensor_delta(kind or ("sparse", "lowrank", "dense")[i % 3], (6, 4), g)
     return Delta({"layer.weight": td}, {"keys": torch.randn(2, generator=g)})
 
 
 def add(ledger: Ledger, i: int, **kw):
-    kw.setdefault("delta", small_delta(i))
-    return ledger.append("add", request={"prompt": f"fact {i}", "target_new": " x"}, method="test", **kw)
+    return append_edit(ledger, kw.pop("delta", small_delta(i)), f"fact {i}", **kw)
 
 
 @pytest.fixture
-def ledger(tmp_path, monkeypatch) -> Ledger:
-    monkeypatch.delenv("KLEDGER_DIR", raising=False)
-    return Ledger.create(tmp_path, MODEL)
+def ledger(fake_ledger) -> Ledger:
+    return fake_ledger
 
 
 def rows(ledger: Ledger) -> list[dict]:
