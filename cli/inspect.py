@@ -7,21 +7,6 @@ import click
 from kledger.cli.app import App, pass_app
 from kledger.cli.main import cli
 from kledger.ledger.errors import IntegrityError
-from kledger.ledger.records import Event
-
-
-def _history(ledger, start: Event, n: int | None) -> list[Event]:
-    """Events reachable from ``start`` by first-parent links, newest first (audits included)."""
-    out: list[Event] = []
-    # the fast path: this branch's own rows up to ``start``, newest first, then follow the oldest's parent
-    out.extend(ledger.events(branch=start.branch, upto=start.seq, limit=n))
-    cur = out[-1] if out else start
-    while (n is None or len(out) < n) and cur.parent is not None:
-        cur = ledger.get(cur.parent)
-        if cur.id in {e.id for e in out}:
-            continue
-        out.append(cur)
-    return out[:n] if n is not None else out
 
 
 @cli.command(name="log")
@@ -34,7 +19,7 @@ def log_cmd(app: App, limit, show_all, ref) -> None:
     ledger = app.ledger()
     with ledger.session():  # one connection; only the listed window of history is read
         start = None if show_all else ledger.resolve(ref)
-        events = ledger.events(limit=limit) if show_all else _history(ledger, start, limit)
+        events = ledger.events(limit=limit) if show_all else ledger.graph.history(start, limit)
         active = ledger.active_among(events, start) if not show_all else None
         head = start.id if start is not None and ref.strip() == "HEAD" else ledger.head().id
     if app.as_json:

@@ -178,6 +178,19 @@ class Graph:
                 return eid
         return None
 
+    def history(self, start: Event, limit: int | None = None) -> list[Event]:
+        """Events reachable from ``start`` by first-parent links, newest first (audits included):
+        what ``kledger log`` lists. The fast path reads this branch's own rows up to ``start``
+        (newest first), then follows the oldest one's parent."""
+        out = self.ledger.events(branch=start.branch, upto=start.seq, limit=limit)
+        cur = out[-1] if out else start
+        while (limit is None or len(out) < limit) and cur.parent is not None:
+            cur = self.ledger.get(cur.parent)
+            if cur.id in {e.id for e in out}:
+                continue
+            out.append(cur)
+        return out[:limit] if limit is not None else out
+
     def _resolve(self, ref: str | Event) -> Event:
         return ref if isinstance(ref, Event) else self.ledger.resolve(ref)
 
