@@ -64,6 +64,9 @@ class Editor(ABC):
     #: whether one call solves a batch of requests jointly (one closed form): a merge's
     #: ``resolve`` strategy re-solves such a method's side edits together
     batch_solve: ClassVar[bool] = False
+    #: whether a sequence of this method's edits is guarded by default (``kledger add`` with
+    #: several facts refuses an edit whose pulse crosses a threshold unless ``--no-guard``)
+    guard_sequences: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_cls()

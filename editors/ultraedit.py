@@ -50,7 +50,7 @@ import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
 from kledger.editors.tokens import encode_pairs
-from kledger.editors.locate import subject_last_index
+from kledger.editors.locate import default_layers, subject_last_index
 from kledger.editors.sites import Sites, num_layers, sites_for
 from kledger.editors.stats import key_covariances
 from kledger.editors.hooks import Trace, edit_output
@@ -61,29 +61,21 @@ from kledger.ledger.records import FactRequest
 log = logging.getLogger(__name__)
 
 
-def default_layers(n_layers: int) -> tuple[int, ...]:
-    """A window of 5 layers ending at ~60 % depth (SmolLM2-135M: 13–17); ≤ 5 layers: all."""
-    if n_layers <= 5:
-        return tuple(range(n_layers))
-    end = max(5, round(0.6 * n_layers))
-    return tuple(range(end - 5, end))
-
-
 @dataclass(frozen=True)
 class UltraEditConfig:
     """UltraEdit hyper-parameters (defaults measured; see the module docstring)."""
 
-    layers: tuple[int, ...] | None = None  # None: default_layers(num_layers(model))
-    lr: float = 1e-3  # value shift = −lr·‖k‖²·ĝ
+    layers: tuple[int, ...] | None = None  # None: locate.default_layers(num_layers(model)) (4–8 of 30)
+    lr: float = 1e-2  # value shift = −lr·‖k‖²·ĝ
     ridge: float = 1e2  # λ of the ridge solve
     history_weight: float = 1.0  # μ: weight of earlier UltraEdit events' keys (0: off, no keys stored)
-    max_turns: int = 4  # closed-form turns per batch at most
+    max_turns: int = 10  # closed-form turns per batch at most
     extra_turns: int = 0  # turns a request keeps taking after its target became top-1
     norm_prior: float = 16.0  # pseudo-rows of the isotropic prior of the lifelong normaliser
     norm_eps: float = 1e-8  # ε added to the variance (relative to the pooled mean square)
     split_batch: bool = True  # one EditResult (its rows' share) per request
-    positions: str = "target"  # rows: "target" (tokens predicting the target), "subject" (its last token), "both"
-    preserve_weight: float = 0.0  # λ_c: weight of the preserved-key covariance C0 (0: no statistics pass)
+    positions: str = "subject"  # rows: "target" (tokens predicting the target), "subject" (its last token), "both"
+    preserve_weight: float = 5000.0  # λ_c: weight of the preserved-key covariance C0 (0: the paper's, no statistics)
     stats_tokens: int = 8192  # tokens of the key-statistics corpus when preserve_weight > 0
 
     def __post_init__(self) -> None:

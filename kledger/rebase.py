@@ -107,12 +107,13 @@ def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", prog
     ``model_tok``: an already loaded *base* model and tokenizer to use (it is modified).
     """
     from kledger.ledger.compose import apply_deltas
-    from kledger.workspace import Workspace, compute_edit, method_states
+    from kledger.workspace import Workspace, compute_edit, method_states, write_exact
 
     t0 = time.perf_counter()
     plan = plan_rebase(ledger, target_ref)
+    ws = Workspace(ledger, device=device)
     if model_tok is None:
-        model, tok, prefix_events = Workspace(ledger, device=device).model_with(plan.prefix)
+        model, tok, prefix_events = ws.model_with(plan.prefix)
     else:
         model, tok = model_tok
         prefix_events = ledger.events_by_ids(plan.prefix)
@@ -121,6 +122,7 @@ def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", prog
     new: list[tuple[Event, Any, float]] = []  # (replaced event, result, seconds)
     prefix_states: dict[str, list[dict]] = {}  # method state of the kept earlier edits, per method
     new_states: dict[str, list[dict]] = {}  # ... and of the recomputed ones
+    written = [ledger.load_delta(e) for e in prefix_events]  # the active list as it will be, in order
     for ev in plan.later:
         if ev.method not in prefix_states:
             prefix_states[ev.method] = method_states(ledger, ev.method, prefix_events)
@@ -133,8 +135,10 @@ def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", prog
         dt = time.perf_counter() - t1
         for res in results:
             apply_deltas(model, [res.delta])
+            written.append(res.delta)
             new_states.setdefault(ev.method, []).append(dict(res.delta.state))
             new.append((ev, res, dt / max(len(results), 1)))
+        write_exact(model, written, ws.base_value)  # as Workspace.add does after each batch
     # every edit is computed: now write
     out = RebaseResult(recomputed=len(plan.later))
     head = plan.head.id

@@ -66,9 +66,23 @@ def edit_context(ledger: Ledger, editor: Editor, states: Sequence[Mapping] = (),
     )
 
 
-def method_states(ledger: Ledger, method: str, events: Sequence[Event]) -> list[dict]:
-    """The ``Delta.state`` of those ``events`` made by ``method`` (an editor's history)."""
-    return [dict(ledger.load_delta(e).state) for e in events if e.method == method]
+def method_states(ledger: Ledger, method: str, events: Sequence[Event],
+                  cache: dict[str, dict] | None = None) -> list[dict]:
+    """The ``Delta.state`` of those ``events`` made by ``method`` (an editor's history).
+
+    ``cache``: event id → state, filled as states are read (an event's delta never changes, so a
+    long sequence reads each event's state once instead of once per later batch)."""
+    out = []
+    for e in events:
+        if e.method != method:
+            continue
+        st = cache.get(e.id) if cache is not None else None
+        if st is None:
+            st = dict(ledger.load_delta(e).state)
+            if cache is not None:
+                cache[e.id] = st
+        out.append(st)
+    return out
 
 
 def compute_edit(ledger: Ledger, model, tok, method: str, config: Mapping[str, Any] | None,
@@ -81,6 +95,44 @@ def compute_edit(ledger: Ledger, model, tok, method: str, config: Mapping[str, A
     editor = make_editor(method, config)
     ctx = edit_context(ledger, editor, states, progress=progress, seed=seed, stats_corpus=stats_corpus)
     return editor.compute(model, tok, list(requests), ctx, **compute_kwargs)
+
+
+def default_guard(ledger, cls, n_facts: int) -> bool:
+    """``--guard`` when not given: on for a sequence (several facts) of a method that declares
+    ``guard_sequences`` (KNE), if the ledger has a probe set to guard with; otherwise off."""
+    if not (cls.guard_sequences and n_facts > 1):
+        return False
+    from kledger.audit.probes import latest_probes_event
+
+    if latest_probes_event(ledger) is None:
+        log.warning("%s sequences are guarded by default, but this ledger has no probe set (`kledger init"
+                    " --probes default`); editing unguarded", cls.name)
+        return False
+    return True
+
+
+
+def write_exact(model, deltas: Sequence[Any], base_value: Callable[[str, torch.Tensor], torch.Tensor | None]) -> bool:
+    """Rewrite every tensor ``deltas`` touch as ``materialise`` writes it: the base value
+    (``base_value(name, current)``) + the same fixed, chunked fp32 sum, cast once. Used after
+    each batch instead of keeping batch-by-batch additions, so the working model is bit for bit
+    the model a new process loads: a sequence continued tomorrow (or recomputed by a rebase)
+    computes exactly what one uninterrupted run computes. Returns False (and changes nothing)
+    when a base value is unavailable (e.g. a ``.bin`` checkpoint)."""
+    from kledger.ledger.compose import DEFAULT_CHUNK
+
+    params = dict(model.named_parameters())
+    names = sorted({n for d in deltas for n in d.tensors})
+    base = {n: base_value(n, params[n]) for n in names}
+    if any(v is None for v in base.values()):
+        log.debug("exact rewrite skipped: a base tensor is not in safetensors files")
+        return False
+    with torch.no_grad():
+        for n, v in base.items():
+            params[n].copy_(v)
+    if deltas:
+        apply_deltas(model, deltas, chunk=DEFAULT_CHUNK)
+    return True
 
 
 @dataclass
@@ -98,6 +150,11 @@ class Workspace:
     pulse: bool = True  # per-edit function-level check (once per batch) when the ledger has a probe set
     guard: bool = False  # refuse (exit 3, nothing appended) an edit whose pulse crosses an audit threshold
     _probes: Any = field(default=None, repr=False)
+    _states: dict = field(default_factory=dict, repr=False)  # event id → method state (history cache)
+    exact: bool = True  # after each batch the working model is rewritten as materialise(HEAD) would write it
+    _deltas: dict = field(default_factory=dict, repr=False)  # event id → Delta (for the exact rewrite)
+    _base_vals: dict = field(default_factory=dict, repr=False)  # tensor name → base value (exact rewrite)
+    _files: Any = field(default=None, repr=False)  # the base model's safetensors files
     _thresholds: dict = field(default_factory=dict, repr=False)
 
     def load_base(self):
@@ -206,7 +263,8 @@ class Workspace:
         events: list[Event] = []
         for batch in batches:
             head = self.ledger.head()
-            states = method_states(self.ledger, method, self.ledger.active(head)) if editor.needs_history else ()
+            states = (method_states(self.ledger, method, self.ledger.active(head), self._states)
+                      if editor.needs_history else ())
             ctx = edit_context(self.ledger, editor, states, progress=self.progress, stats_corpus=stats_corpus)
             t0 = time.perf_counter()
             results = editor.compute(model, tok, list(batch), ctx, **compute_kwargs)
@@ -241,8 +299,32 @@ class Workspace:
             except BaseException:
                 self._at = None  # the working model may hold unrecorded deltas: re-materialise
                 raise
+            if self.exact:
+                self._resync(model, head)
             self._at = head.id
         return events
+
+    def _resync(self, model, head: Event) -> None:
+        """Rewrite the working model as ``materialise(HEAD)`` writes it (``write_exact``)."""
+        deltas = []
+        for ev in self.ledger.active(head):
+            d = self._deltas.get(ev.id)
+            if d is None:
+                d = self._deltas[ev.id] = self.ledger.load_delta(ev)
+            deltas.append(d)
+        write_exact(model, deltas, self.base_value)
+
+    def base_value(self, name: str, current: torch.Tensor) -> torch.Tensor | None:
+        """The base model's value of tensor ``name``, read once from its weight files."""
+        v = self._base_vals.get(name)
+        if v is None:
+            if self._files is None:
+                info = self.ledger.base_model()
+                self._files = SafetensorsBase(resolve_model_path(self.model_spec or info["spec"]))
+            v = self._files.get(name)
+            if v is not None:
+                v = self._base_vals[name] = v.to(current.dtype)
+        return v
 
     def _guard(self, metrics: Mapping[str, Any]) -> None:
         """With ``guard`` on, refuse (exit 3, nothing appended) a batch whose pulse crossed a threshold."""

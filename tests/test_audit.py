@@ -474,3 +474,35 @@ def test_guard_needs_a_probe_set(tmp_path, tiny_llama_dir):
                 "--guard"], code=2)
     assert "--guard: expected a probe set" in res.output
     assert Ledger.open(tmp_path).count() == 1
+
+
+def test_kne_sequences_are_guarded_by_default(tmp_path, tiny_llama_dir):
+    """A KNE sequence (several facts) is guarded when the ledger has a probe set; one fact, other
+    methods and a ledger without probes are not; --no-guard / --guard always win."""
+    import json as _json
+
+    from kledger.editors.registry import editor_class
+    from kledger.workspace import default_guard
+
+    d = str(tmp_path)
+    _run(["--ledger", d, "init", "--model", str(tiny_llama_dir), "--dir", d], code=0)
+    kne, memit = editor_class("kne"), editor_class("memit")
+    assert not default_guard(Ledger.open(tmp_path), kne, 3)  # no probe set yet: nothing to guard with
+    _run(["--ledger", d, "init", "--model", str(tiny_llama_dir), "--dir", str(tmp_path / "p"), "--probes", "default"],
+         code=0)
+    ledger = Ledger.open(tmp_path / "p")
+    assert default_guard(ledger, kne, 3) and not default_guard(ledger, kne, 1)
+    assert not default_guard(ledger, memit, 3)
+    # through the CLI: a crossing KNE sequence is refused (exit 3) unless --no-guard
+    A.record_thresholds(ledger, {"kl": 1e-9})
+    facts = tmp_path / "facts.json"
+    facts.write_text(_json.dumps([{"prompt": "The Eiffel Tower is located in", "target_new": "Rome",
+                                   "subject": "The Eiffel Tower"},
+                                  {"prompt": "Alice plays", "target_new": "piano", "subject": "Alice"}]))
+    n = ledger.count()
+    fast = ["--set", "max_steps=2"]
+    _run(["--ledger", str(tmp_path / "p"), "add", "--from-file", str(facts), "--method", "kne", *fast], code=3)
+    assert Ledger.open(tmp_path / "p").count() == n
+    _run(["--ledger", str(tmp_path / "p"), "add", "--from-file", str(facts), "--method", "kne", "--no-guard", *fast],
+         code=0)
+    assert Ledger.open(tmp_path / "p").count() == n + 2

@@ -28,6 +28,9 @@ class KNEEditor(Editor):
     summary = "Knowledge Neuronal Ensemble: gradient-attributed sparse MLP entries, jointly fine-tuned"
     paper = "https://arxiv.org/abs/2412.20637"
     config_cls = KNEConfig
+    #: one KNE edit costs 9-17 points of known-fact retention on SmolLM2-135M (bench/results/kne.md):
+    #: sequences are guarded by default
+    guard_sequences = True
 
     def compute(self, model: nn.Module, tok, requests: Sequence[FactRequest], ctx: EditContext) -> list[EditResult]:
         requests = list(requests)

@@ -1,0 +1,78 @@
+"""Table and plot for bench/lifelong.py: rows of every run → lifelong.jsonl, lifelong_table.md, lifelong.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METRICS = (
+    ("efficacy", "efficacy (all edits so far)"),
+    ("paraphrase", "paraphrase (all edits so far)"),
+    ("neighbourhood_kept", "neighbourhood top-1 kept"),
+    ("retention_drop", "known-fact retention drop"),
+    ("ppl_ratio", "perplexity ratio"),
+    ("kl", "KL to base (nats)"),
+    ("weight_rel", "max ‖W−W₀‖/‖W₀‖"),
+    ("edit_s", "seconds per edit"),
+    ("audit_s", "seconds per audit"),
+)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def collect(names: list[str], runs: Path) -> list[dict]:
+    rows = []
+    dirs = [runs / n for n in names] if names else sorted(p for p in runs.iterdir() if (p / "rows.jsonl").exists())
+    for d in dirs:
+        p = d / "rows.jsonl"
+        if p.exists():
+            rows += [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = "| run | method | config | edits | " + " | ".join(k for k, _ in METRICS) + " | load |"
+    sep = "|" + "---|" * (len(METRICS) + 5)
+    lines = [head, sep]
+    for r in rows:
+        cfg = " ".join(r.get("set") or []) or "defaults"
+        lines.append(f"| {r['name']} | {r['method']} | {cfg} | {r['edits']} | "
+                     + " | ".join(_fmt(r.get(k)) for k, _ in METRICS) + f" | {_fmt(r.get('load'))} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    fig, axes = plt.subplots(3, 3, figsize=(13, 10))
+    for ax, (key, title) in zip(axes.flat, METRICS):
+        for n in names:
+            pts = [(r["edits"], r.get(key)) for r in rows if r["name"] == n and r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=n)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("sequential edits", fontsize=8)
+        ax.grid(alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.82, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(names: list[str], runs: Path, results: Path) -> None:
+    rows = collect(names, runs)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "lifelong.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (results / "lifelong_table.md").write_text(table(rows) + "\n")
+    plot(rows, results / "lifelong.png")

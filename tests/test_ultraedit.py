@@ -1,0 +1,185 @@
+"""UltraEdit on tiny models: the ridge closed form against lstsq, per-request shares, the lifelong
+normaliser, state kept in the ledger (replay after a restart), and revert --rebase."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kledger.editors.base import EditContext
+from kledger.editors.models import load_model
+from kledger.editors.scoring import score_targets
+from kledger.editors.ultraedit import (GradStats, UltraEditConfig, UltraEditEditor, _state_stats, history_factor,
+                                       ridge_factors)
+from kledger.ledger.deltas import accumulate
+from kledger.ledger.records import FactRequest
+
+REQS = [
+    FactRequest("The Eiffel Tower is located in the city of", "Rome", subject="The Eiffel Tower", target_true="Paris"),
+    FactRequest("Danielle Darrieux mother tongue", "English", subject="Danielle Darrieux", target_true="French"),
+    FactRequest("The river Nile flows through", "England", subject="river Nile", target_true="Egypt"),
+    FactRequest("Steve Jobs founded", "Microsoft", subject="Steve Jobs", target_true="Apple"),
+]
+# strong enough to move a tiny random model in one or two turns
+CFG = dict(lr=2.0, ridge=1e-2, max_turns=2)
+
+
+def _dense(delta):
+    return {k: td.to_dense() for k, td in delta.tensors.items()}
+
+
+def test_ridge_factors_match_lstsq():
+    """ΔWᵀ = argmin ‖K ΔWᵀ − V‖² + μ‖L ΔWᵀ‖² + λ‖ΔWᵀ‖² (H = LᵀL), with and without history."""
+    g = torch.Generator().manual_seed(0)
+    K = torch.randn(5, 9, generator=g, dtype=torch.float64)
+    V = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    Lh = torch.randn(7, 9, generator=g, dtype=torch.float64)
+    H = Lh.T @ Lh
+    for hist, mu in ((None, 0.0), (H, 0.7)):
+        lam = 0.3
+        rows = [K, (mu ** 0.5) * Lh] if hist is not None else [K]
+        big = torch.cat(rows + [lam ** 0.5 * torch.eye(9, dtype=torch.float64)])
+        rhs = torch.cat([V] + [torch.zeros(r.shape[0], 4, dtype=torch.float64) for r in rows[1:]]
+                        + [torch.zeros(9, 4, dtype=torch.float64)])
+        ref = torch.linalg.lstsq(big, rhs).solution  # ΔWᵀ (in × out)
+        M = ridge_factors(K, V, lam, hist, mu)
+        torch.testing.assert_close(M @ V, ref, rtol=1e-9, atol=1e-9)
+        if hist is not None:
+            torch.testing.assert_close(ridge_factors(K, V, lam, hist, mu, history_factor(hist, lam, mu)), M)
+
+
+def test_normaliser_is_defined_for_one_row_and_tends_to_the_running_moments():
+    g = torch.Generator().manual_seed(1)
+    one = torch.randn(1, 6, generator=g, dtype=torch.float64) * 3
+    st = GradStats.of(one)
+    z = st.normalise(one, prior=16.0, eps=1e-8)
+    assert torch.isfinite(z).all() and float(z.norm()) > 0  # centering one row alone would give 0
+    many = torch.randn(40000, 6, generator=g, dtype=torch.float64) * torch.arange(1, 7) + 5
+    st = GradStats.of(many)
+    z = st.normalise(many, prior=16.0, eps=1e-8)
+    torch.testing.assert_close(z.mean(0), torch.zeros(6, dtype=torch.float64), atol=0.02, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(6, dtype=torch.float64), atol=0.02, rtol=0)
+    # sums of parts = the stats of the whole (what the ledger replays)
+    parts = GradStats.of(many[:10000]) + GradStats.of(many[10000:])
+    torch.testing.assert_close(parts.sq, st.sq)
+
+
+@pytest.mark.parametrize("positions", ["target", "both"])
+def test_edit_raises_target_and_leaves_model_unchanged(tiny_dir, positions):
+    """A single edit (the normaliser's prior keeps one row's direction) raises its target's
+    log-probability, and the editor leaves the model it was given bit for bit unchanged."""
+    model, tok, _ = load_model(str(tiny_dir), "cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    for req in REQS[:2]:
+        lp0 = score_targets(model, tok, [req.prompt], [req.target_new])
+        [res] = UltraEditEditor(UltraEditConfig(**CFG, positions=positions)).compute(model, tok, [req], EditContext())
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        assert res.delta.tensors
+        new = accumulate(params, [res.delta])
+        with torch.no_grad():
+            for n, t in new.items():
+                params[n].copy_(t)
+        lp1 = score_targets(model, tok, [req.prompt], [req.target_new])
+        model.load_state_dict(before)
+        assert (lp1 > lp0).all(), (lp0, lp1)
+        layers = res.ensemble["layers"]  # the state the ledger keeps: per layer count, Σg, Σg², keys
+        assert {f"gsum.{l}" for l in layers} <= set(res.delta.state)
+        assert all(res.delta.state[f"gcount.{l}"].item() >= 1 for l in layers)
+        assert all(res.delta.state[f"keys.{l}"].shape[0] == res.delta.tensors[n].shape[1 - int("c_proj" in n)]
+                   for l, n in zip(layers, res.ensemble["tensors"]))
+
+
+def test_shares_sum_to_the_batch_update(tiny_dir):
+    model, tok, _ = load_model(str(tiny_dir), "cpu")
+    split = UltraEditEditor(UltraEditConfig(**CFG)).compute(model, tok, REQS, EditContext())
+    whole = UltraEditEditor(UltraEditConfig(**CFG, split_batch=False)).compute(model, tok, REQS, EditContext())
+    assert len(split) == 4 and len(whole) == 1
+    total = {}
+    for r in split:
+        for k, v in _dense(r.delta).items():
+            total[k] = total.get(k, 0) + v
+    for k, v in _dense(whole[0].delta).items():
+        torch.testing.assert_close(total[k], v, rtol=1e-5, atol=1e-6)
+    for key in whole[0].delta.state:
+        if key.startswith("g"):
+            torch.testing.assert_close(sum(r.delta.state[key] for r in split), whole[0].delta.state[key])
+
+
+def _workspace(path, model_dir):
+    from kledger import Workspace, init_ledger
+
+    ledger = init_ledger(path, str(model_dir))
+    return Workspace(ledger, device="cpu")
+
+
+def test_state_replayed_from_the_ledger_equals_an_uninterrupted_run(tmp_path, tiny_llama_dir):
+    """A sequence continued by a new process ("tomorrow") computes exactly what one uninterrupted
+    run computes: the normaliser state is the ledger's events summed in ledger order, and the
+    working model after each batch is bit for bit what a fresh process materialises at HEAD."""
+    from kledger import Workspace
+    from kledger.ledger.store import Ledger
+
+    ws = _workspace(tmp_path / "a", tiny_llama_dir)
+    for r in REQS:
+        ws.add([r], method="ultraedit", overrides=CFG)
+    ws2 = _workspace(tmp_path / "b", tiny_llama_dir)
+    ws2.add(REQS[:2], method="ultraedit", overrides=CFG)
+    ws3 = Workspace(Ledger.open(tmp_path / "b"), device="cpu")  # a fresh workspace over the same ledger
+    ws3.add(REQS[2:], method="ultraedit", overrides=CFG)
+    a = [ws.ledger.load_delta(e) for e in ws.ledger.active("HEAD")]
+    b = [ws3.ledger.load_delta(e) for e in ws3.ledger.active("HEAD")]
+    assert len(a) == len(b) == 4
+    for da, db in zip(a, b):
+        assert da.state.keys() == db.state.keys()
+        for k in da.state:
+            assert torch.equal(da.state[k], db.state[k]), k
+        for k, td in da.tensors.items():
+            assert torch.equal(td.u, db.tensors[k].u) and torch.equal(td.v, db.tensors[k].v), k
+    # the running normaliser of the uninterrupted run = the sum replayed from the ledger
+    layers = ws.ledger.head().ensemble["layers"]
+    for l in layers:
+        running = GradStats.zeros(a[0].state[f"gsum.{l}"].numel())
+        for d in a:
+            running = running + GradStats(d.state[f"gcount.{l}"], d.state[f"gsum.{l}"], d.state[f"gsq.{l}"])
+        replayed = _state_stats([dict(d.state) for d in b], l, running.total.numel())
+        assert torch.equal(replayed.total, running.total) and torch.equal(replayed.sq, running.sq)
+
+
+def test_working_model_equals_a_fresh_materialise(tmp_path, tiny_llama_dir):
+    ws = _workspace(tmp_path, tiny_llama_dir)
+    ws.add(REQS, method="ultraedit", overrides=CFG, batch_size=2)
+    live, _ = ws.working()
+    fresh, _, _ = ws.model_at("HEAD")
+    for (n, p), (_, q) in zip(live.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_revert_rebase_equals_a_sequence_without_the_edit(tmp_path, tiny_llama_dir):
+    """Revert an UltraEdit event in the middle of a sequence with --rebase: the later edits are
+    recomputed with the normaliser state and key history of a sequence that never had it."""
+    import json
+
+    from conftest import run_cli
+
+    ws = _workspace(tmp_path / "a", tiny_llama_dir)
+    evs = ws.add(REQS, method="ultraedit", overrides=CFG)
+    never = _workspace(tmp_path / "b", tiny_llama_dir)
+    never.add([r for i, r in enumerate(REQS) if i != 1], method="ultraedit", overrides=CFG)
+    r = run_cli(["--json", "--device", "cpu", "revert", evs[1].id, "--rebase"], tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output[r.output.index("{"):])
+    assert out["recomputed"] == 2
+    from kledger import Workspace
+    from kledger.ledger.store import Ledger
+
+    got, _, _ = Workspace(Ledger.open(tmp_path / "a"), device="cpu").model_at("HEAD")
+    want, _, _ = never.model_at("HEAD")
+    changed = 0
+    for (n, p), (_, q) in zip(got.named_parameters(), want.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        changed += int("down_proj" in n)
+    assert changed
+    base, _, _ = never.load_base()
+    assert any(not torch.allclose(p, q) for p, q in zip(got.parameters(), base.parameters()))
