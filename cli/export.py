@@ -11,7 +11,7 @@ from kledger.cli.main import cli
 @cli.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--at", "ref", default="HEAD", show_default=True, help="Version to export (HEAD, HEAD~N, id, branch).")
-@click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an earlier export (it holds kledger.json); nothing else is ever removed.")
 @pass_app
 def export(app: App, out: str, ref: str, force: bool) -> None:
     """Materialise a version onto the base model and save it to OUT, with kledger.json provenance."""

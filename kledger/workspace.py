@@ -26,7 +26,7 @@ from kledger.editors.base import EditContext, Editor, EditResult, config_to_json
 from kledger.editors.models import cache_dir as models_cache_dir
 from kledger.editors.models import fingerprint, load_model, resolve_model_path
 from kledger.editors.registry import editor_class
-from kledger.ledger.compose import Materialised, apply_deltas, export, materialise
+from kledger.ledger.compose import Materialised, apply_deltas, check_export_target, export, materialise
 from kledger.ledger.deltas import accumulate
 from kledger.ledger.errors import AuditThresholdError, StateError, UsageError
 from kledger.ledger.records import Event, FactRequest
@@ -389,5 +389,6 @@ class Workspace:
         return ev
 
     def export(self, out_dir: str | Path, ref: str = "HEAD", overwrite: bool = False) -> Materialised:
+        check_export_target(self.ledger, out_dir, overwrite)  # refused before the model is loaded
         model, tok, _ = self.load_base()
         return export(self.ledger, model, tok, out_dir, ref, overwrite=overwrite)

@@ -287,15 +287,60 @@ def export(ledger: Ledger, model: nn.Module, tok, out_dir: str | os.PathLike, re
     """Write a ``from_pretrained``-loadable folder of the model at ``ref`` plus ``kledger.json``.
 
     ``model`` must be the base model (it is modified in place). The folder is written to a
-    temporary sibling and renamed, so a crash never leaves a half-written export under OUT.
+    temporary sibling and renamed, so a crash or an error never leaves a half-written export
+    under OUT, and a replaced export stays intact until the new one is complete. What OUT may be
+    is checked first (``check_export_target``): ``overwrite`` only ever replaces an earlier export.
     """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"expected an empty or new folder for the export, found {out} not empty (use --force)")
+    out = check_export_target(ledger, out_dir, overwrite)
     m = materialise(ledger, model, ref)
     with replacing_dir(out) as tmp:
-        model.save_pretrained(str(tmp))
-        if tok is not None:
-            tok.save_pretrained(str(tmp))
-        (tmp / "kledger.json").write_text(json.dumps(m.provenance(ledger), indent=2) + "\n")
+        _write_export(model, tok, tmp, m.provenance(ledger))
     return m
+
+
+def _write_export(model: nn.Module, tok, folder: Path, provenance: dict) -> None:
+    model.save_pretrained(str(folder))
+    if tok is not None:
+        tok.save_pretrained(str(folder))
+    (folder / EXPORT_MARK).write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+#: the provenance file every export carries; ``--force`` replaces only folders that have it
+EXPORT_MARK = "kledger.json"
+
+
+def check_export_target(ledger: Ledger, out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse (UsageError) an export folder OUT that would destroy or pollute something: OUT must
+    not be or hold a ledger (``.kledger/``), lie inside one, contain the working directory, or be,
+    contain or lie inside the base model's folder; an existing non-empty OUT is replaced only with
+    ``overwrite`` and only if it is an earlier export (it carries ``kledger.json``)."""
+    out = Path(out_dir)
+    real = Path(os.path.realpath(out))
+    where = f"the export folder {str(out)!r}"
+    if ".kledger" in real.parts or (real / "ledger.duckdb").exists():
+        raise UsageError(f"expected {where} outside any ledger, found it inside a .kledger/ folder")
+    root = Path(os.path.realpath(ledger.root))
+    if root == real or real in root.parents:
+        raise UsageError(f"expected {where} not to hold a ledger, found the ledger {root} inside it")
+    base = (ledger.base_model() or {}).get("path")
+    if base:
+        base = Path(os.path.realpath(base))
+        if base == real or real in base.parents or base in real.parents:
+            raise UsageError(f"expected {where} apart from the base model's folder {base}, found it"
+                             f" {'is' if base == real else 'overlaps'} that folder")
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if cwd == real or real in cwd.parents:
+        raise UsageError(f"expected {where} not to contain the working directory {cwd}, found it does")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UsageError(f"expected {where} to be a folder or new, found a {'link' if out.is_symlink() else 'file'}")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"expected an empty or new folder for the export, found {out} not empty"
+                             " (--force replaces an earlier export)")
+        if not (out / EXPORT_MARK).is_file():
+            raise UsageError(f"--force: expected {where} to be an earlier export (with {EXPORT_MARK}), found"
+                             f" no {EXPORT_MARK} in it; it is left alone")
+        for dirpath, dirnames, filenames in os.walk(out):  # an earlier export holds no ledger
+            if ".kledger" in dirnames or "ledger.duckdb" in filenames:
+                raise UsageError(f"expected {where} to hold no ledger, found one in {dirpath}")
+    return out

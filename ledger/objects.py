@@ -78,19 +78,29 @@ class ObjectStore:
 @contextlib.contextmanager
 def replacing_dir(target: str | os.PathLike) -> Iterator[Path]:
     """A new temporary sibling folder of ``target`` to fill; when the block ends without an
-    error it replaces ``target`` (which is removed first if it exists), and in any case it is
-    gone afterwards: a crash never leaves a half-written folder under ``target``'s name."""
+    error it replaces ``target``, and in any case it is gone afterwards: a crash never leaves a
+    half-written folder under ``target``'s name. An existing ``target`` is first renamed aside
+    (not removed), so until the new folder is in place the old one is whole; it is removed last."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    old: Path | None = None
     try:
         yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if target.exists() or target.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+            os.replace(target, old / "x")
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:  # put the old folder back
+                os.replace(old / "x", target)
+            raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
