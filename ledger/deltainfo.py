@@ -103,6 +103,8 @@ def _sumsq(t: _Tensor) -> float:
 
 def _sparse_sumsq(idx_t: _Tensor, val_t: _Tensor, n: int) -> tuple[int, float]:
     """(nnz, Σ of squares of the dense matrix): entries at one index add up, as in ``to_dense``."""
+    if idx_t.dtype != "I64":
+        raise IntegrityError(f"malformed delta object: sparse indices of dtype {idx_t.dtype}, expected I64")
     if idx_t.size != val_t.size:
         raise IntegrityError(f"malformed delta object: {idx_t.size} sparse indices for {val_t.size} values")
     idx, vals = idx_t.plain(), val_t.plain()

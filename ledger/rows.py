@@ -14,7 +14,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import duckdb
 
 from kledger.ledger.canonical import canonical_json, sha256_hex
-from kledger.ledger.errors import NotFoundError, UsageError
+from kledger.ledger.errors import IntegrityError, NotFoundError, UsageError
 from kledger.ledger.records import MODEL_EVENT_TYPES, Event
 
 GENESIS = "0" * 64
@@ -64,6 +64,24 @@ class DeltaRef(NamedTuple):
 
 def row_hash(body: dict[str, Any]) -> str:
     return sha256_hex(body["prev_hash"] + canonical_json(body) + (body.get("delta_sha256") or ""))
+
+
+def row_problem(ev: Event) -> str | None:
+    """What is wrong with one row on its own (None: its hash matches its content)."""
+    if row_hash(ev.body()) != ev.hash:
+        return "content does not match its hash (row changed after it was written)"
+    if ev.id != ev.hash[:12]:
+        return f"id {ev.id} does not match its hash {ev.hash[:12]}"
+    return None
+
+
+def check_event(ev: Event) -> Event:
+    """``ev`` if its row hash matches its content, else IntegrityError naming the row: every
+    command that materialises or reverts checks each row it uses (one sha256 per row)."""
+    problem = row_problem(ev)
+    if problem:
+        raise IntegrityError(f"row {ev.seq} (event {ev.id}): {problem}; nothing was done (run `kledger verify`)")
+    return ev
 
 
 def to_event(row: Sequence[Any]) -> Event:

@@ -169,6 +169,17 @@ class Ledger:
                 yield rows.to_event(r)
             last = page[-1][0]
 
+    def check_rows(self, ids: Iterable[str], batch: int = 5000) -> int:
+        """Hash-check the rows with these ids (``rows.check_event``: IntegrityError naming the
+        first bad one); returns how many were checked. What materialise and revert use is checked
+        this way before it is used."""
+        ids = sorted(set(ids))
+        for i in range(0, len(ids), batch):
+            with self._connect() as con:
+                for ev in rows.by_ids(con, ids[i : i + batch]):
+                    rows.check_event(ev)
+        return len(ids)
+
     def events_by_ids(self, ids: Sequence[str]) -> list[Event]:
         """The events with these (full) ids, in sequence order."""
         if not ids:
@@ -278,6 +289,8 @@ class Ledger:
             if not ev.delta_sha256:
                 raise StateError(f"expected event {ev.id} to carry a delta, found a"
                                  f" {getattr(ev, 'type', 'delta-less')} event without one")
+            if isinstance(ev, Event):  # a DeltaRef's row is checked by whoever read it (materialise)
+                rows.check_event(ev)
 
         def one(ev: Event | DeltaRef) -> "Delta":
             return Delta.from_bytes(self.objects.get(ev.delta_sha256))  # get() checks the content hash
@@ -291,6 +304,7 @@ class Ledger:
     def load_delta(self, event: Event) -> Delta:
         if not event.delta_sha256:
             raise StateError(f"expected event {event.id} to carry a delta, found a {event.type} event without one")
+        rows.check_event(event)
         from kledger.ledger.deltas import Delta
 
         return Delta.from_bytes(self.objects.get(event.delta_sha256), expected_sha256=event.delta_sha256)
@@ -396,9 +410,11 @@ class Ledger:
     def revert(self, target_ref: str, *, message: str | None = None, branch: str | None = None,
                lock_timeout: float | None = None) -> Event:
         """Append a compensating event: the target's delta leaves the model (exactly)."""
-        target = self.resolve(target_ref)
+        target = rows.check_event(self.resolve(target_ref))
 
         def check(ledger: "Ledger", head: Event | None) -> None:
+            if head is not None:
+                rows.check_event(head)
             if target.type not in DELTA_EVENT_TYPES:
                 raise StateError(f"expected an edit event (add/merge/forget/learn) to revert, found a {target.type} event {target.id}")
             # reads only the rows that can change the target's state (held under the write lock)

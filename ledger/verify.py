@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import duckdb
 
+from kledger.ledger.deltainfo import summary_from_bytes
 from kledger.ledger.errors import KledgerError
 from kledger.ledger.records import EVENT_TYPES, Event
-from kledger.ledger.rows import GENESIS, PARENT, SELECT, row_hash, to_event
+from kledger.ledger.rows import GENESIS, PARENT, SELECT, row_problem, to_event
 
 if TYPE_CHECKING:
     from kledger.ledger.store import Ledger
@@ -69,6 +70,8 @@ def verify(ledger: "Ledger", *, check_objects: bool = True, progress: Callable[[
                     data = ledger.objects.get(ev.delta_sha256)
                     if len(data) != ev.delta_bytes:
                         problem = f"delta object has {len(data)} bytes, the row records {ev.delta_bytes}"
+                    else:  # decoded, not only hashed: shapes, dtypes, indices in range, finite values
+                        summary_from_bytes(data)
                     rep.objects_checked += 1
                 except KledgerError as exc:
                     problem = str(exc)
@@ -105,10 +108,9 @@ def _row_problem(ev: Event, parent_ok: bool, expected_seq: int, prev_hash: str) 
         return f"expected sequence number {expected_seq}, found {ev.seq} (a row is missing)"
     if ev.prev_hash != prev_hash:
         return "prev_hash does not match the previous row's hash (chain broken)"
-    if row_hash(ev.body()) != ev.hash:
-        return "content does not match its hash (row changed after it was written)"
-    if ev.id != ev.hash[:12]:
-        return f"id {ev.id} does not match its hash {ev.hash[:12]}"
+    own = row_problem(ev)
+    if own:
+        return own
     if ev.type not in EVENT_TYPES:
         return f"unknown event type {ev.type!r}"
     if ev.parent and not parent_ok:

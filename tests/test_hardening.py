@@ -72,3 +72,79 @@ def test_export_force_replaces_only_a_previous_export_and_a_failed_export_keeps_
     assert r.exit_code == 1 and "disk full" in r.output
     assert _tree(out) == second != first
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".exp")] == []
+
+
+# --- 3. every row a command uses is hash-checked -----------------------------------------------
+def _sql(ledger: Ledger, query: str, args=()) -> None:
+    con = duckdb.connect(str(ledger.db_path))
+    try:
+        con.execute(query, list(args))
+    finally:
+        con.close()
+
+
+def _swap_deltas(L: Ledger, a, b) -> None:
+    _sql(L, "UPDATE events SET delta_sha256 = ? WHERE seq = ?", [b.delta_sha256, a.seq])
+    _sql(L, "UPDATE events SET delta_sha256 = ? WHERE seq = ?", [a.delta_sha256, b.seq])
+
+
+def test_swapped_delta_hashes_are_refused_by_materialise_and_revert(fake_ledger):
+    L = fake_ledger
+    a = append_edit(L, sparse_delta("a", [0, 1], [1.0, 2.0]), "fact a")
+    b = append_edit(L, sparse_delta("a", [5], [7.0]), "fact b")
+    _swap_deltas(L, a, b)
+    assert not L.verify().ok
+    with pytest.raises(IntegrityError, match=f"row {a.seq} .*event {a.id}"):
+        weights(L)
+    with pytest.raises(IntegrityError, match=f"event {a.id}"):
+        L.revert(a.id)
+    with pytest.raises(IntegrityError, match=f"event {a.id}"):
+        L.load_delta(L.get(a.id))
+    r = run_on(L, "revert", b.id)
+    assert r.exit_code == 4 and b.id in r.output, r.output
+    assert L.count() == 3  # nothing was appended
+
+
+def test_changed_revert_target_is_refused(fake_ledger):
+    L = fake_ledger
+    a = append_edit(L, sparse_delta("a", [0], [1.0]), "fact a")
+    b = append_edit(L, sparse_delta("a", [5], [7.0]), "fact b")
+    rv = L.revert(a.id)
+    _sql(L, "UPDATE events SET target = ? WHERE seq = ?", [b.id, rv.seq])  # now it seems to revert b
+    with pytest.raises(IntegrityError, match=f"row {rv.seq}"):
+        weights(L)
+
+
+# --- 4. nothing non-finite is ever materialised; verify decodes every object ---------------------
+def test_overflowing_sums_are_refused(fake_ledger):
+    L = fake_ledger
+    append_edit(L, sparse_delta("a", [3], [3e38]), "big 1")
+    append_edit(L, sparse_delta("a", [3], [3e38]), "big 2")
+    with pytest.raises(NumericalError, match="a"):
+        weights(L)
+    L2 = new_ledger(L.root.parent / "two")
+    u = torch.zeros(6, 1)
+    u[0, 0] = 1e20
+    v = torch.zeros(8, 1)
+    v[0, 0] = 1e20
+    append_edit(L2, Delta({"a": LowRankDelta((6, 8), u, v)}), "rank one")
+    with pytest.raises(NumericalError, match="not finite"):
+        weights(L2)
+
+
+def _raw_delta(name: str, shape, indices, values) -> bytes:
+    """A delta object that skips ``Delta``'s validation (as a forger would write it)."""
+    from safetensors.torch import save
+
+    meta = {"kledger_delta": "1", "tensors": json.dumps({name: {"format": "sparse", "shape": list(shape)}})}
+    return save({f"{name}::indices": torch.tensor(indices, dtype=torch.int64),
+                 f"{name}::values": torch.tensor(values, dtype=torch.float32)}, metadata=meta)
+
+
+@pytest.mark.parametrize("indices, values, word", [([100], [1.0], "outside"), ([1], [float("inf")], "NaN or Inf")])
+def test_verify_decodes_every_object(fake_ledger, indices, values, word):
+    L = fake_ledger
+    ev = append_edit(L, _raw_delta("a", (6, 8), indices, values), "forged")
+    rep = L.verify()
+    assert not rep.ok and rep.bad_row == ev.seq and word in rep.problem, rep.problem
+    assert L.verify(check_objects=False).ok
