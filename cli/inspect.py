@@ -88,13 +88,21 @@ def status(app: App) -> None:
 @cli.command()
 @click.option("--no-objects", is_flag=True, help="Check the hash chain only, not the delta objects.")
 @click.option("--anchor", metavar="HASH", help="A row hash kept outside the ledger that the chain must contain.")
+@click.option("--deep", is_flag=True, help="Also recompute every cached snapshot from the base model's weights"
+                                            " and the deltas (loads the base model).")
 @pass_app
-def verify(app: App, no_objects: bool, anchor: str | None) -> None:
-    """Check the hash chain, every row and every delta object; exit 4 on the first bad row."""
+def verify(app: App, no_objects: bool, anchor: str | None, deep: bool) -> None:
+    """Check the hash chain, every row, every delta object (decoded) and the cache; exit 4 on the
+    first problem."""
     ledger = app.ledger()
+    model = None
+    if deep:
+        from kledger.workspace import Workspace  # torch: only for --deep
+
+        model = Workspace(ledger, device=app.device).load_base()[0]
     bar = app.progress(total=ledger.count(), desc="verify")
     try:
-        rep = ledger.verify(check_objects=not no_objects, progress=bar.update, anchor=anchor)
+        rep = ledger.verify(check_objects=not no_objects, progress=bar.update, anchor=anchor, deep_model=model)
     finally:
         bar.close()
     data = rep.to_json()
@@ -102,6 +110,13 @@ def verify(app: App, no_objects: bool, anchor: str | None) -> None:
         if rep.ok:
             click.echo(f"ok: {rep.rows} rows, {rep.objects_checked} objects verified in {rep.seconds:.2f} s"
                        f" ({data['rows_per_s']} rows/s)")
+            if rep.snapshots_checked and not deep:
+                click.echo(f"note: {rep.snapshots_checked} cached snapshot(s) match the ledger's record; their values"
+                           " are recomputed only by `kledger verify --deep`")
+            elif deep:
+                click.echo(f"deep: {rep.snapshots_recomputed} cached snapshot(s) recomputed bit for bit")
+        for name in rep.pending_snapshots:
+            click.echo(f"warning: snapshot {name} is not recorded yet (the next append records it); unused until then")
         for sha in rep.orphans:
             click.echo(f"warning: orphan object {sha} (no row refers to it; left by an interrupted add)")
         for p in rep.temp_files:

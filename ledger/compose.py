@@ -120,7 +120,7 @@ def materialise(ledger: Ledger, model: nn.Module, ref: str | Event = "HEAD",
     params = dict(model.named_parameters())
     sums: dict[str, torch.Tensor] = {}
     start = 0
-    snap = find_snapshot(ledger, ids, chunk) if snapshots else None
+    snap = find_snapshot(ledger, ids, chunk, list(active)) if snapshots else None
     if snap is not None:
         start, dense = snap
         for name, t in dense.items():
@@ -170,8 +170,9 @@ def _ids_key(ids: Iterable[str]) -> str:
 
 
 def save_snapshot(ledger: Ledger, ids: list[str], sums: dict[str, torch.Tensor], chunk: int, version: str) -> Path:
-    """Write the fp32 sums after the active events ``ids`` (a multiple of ``chunk``) atomically,
-    with a content hash beside it; keep the newest ``KEEP_SNAPSHOTS``."""
+    """Write the fp32 sums after the active events ``ids`` (a multiple of ``chunk``) atomically and
+    record its content hash in the ledger (``Ledger.record_snapshot``, with the hash of the last
+    row it summarises); keep the newest ``KEEP_SNAPSHOTS``."""
     import hashlib
 
     from safetensors.torch import save
@@ -187,12 +188,17 @@ def save_snapshot(ledger: Ledger, ids: list[str], sums: dict[str, torch.Tensor],
     data = save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sums.items()},
                 metadata={"n": str(len(ids)), "ids_sha256": key, "chunk": str(chunk), "version": version})
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    path.with_suffix(".sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    last = ledger.events_by_ids([ids[-1]])
+    record = {"sha256": hashlib.sha256(data).hexdigest(), "n": len(ids), "chunk": chunk, "ids_sha256": key,
+              "last_hash": last[0].hash if last else None, "tensors": sorted(sums)}
     os.replace(tmp, path)
+    ledger.record_snapshot(path.name, record)
     files = sorted(root.glob("*.safetensors"), key=lambda q: q.stat().st_mtime, reverse=True)
     for old in files[KEEP_SNAPSHOTS:]:
-        for q in (old, old.with_suffix(".sha256")):
+        for q in (old, old.with_suffix(".sha256"), old.with_name(old.name + ".pending")):
             q.unlink(missing_ok=True)
     log.info("snapshot of %d active events written (%s, %.0f MB)", len(ids), path.name, len(data) / 2**20)
     return path
@@ -265,28 +271,113 @@ def _fp32_tensors(data) -> dict[str, torch.Tensor]:
     return out
 
 
-def find_snapshot(ledger: Ledger, ids: list[str], chunk: int = DEFAULT_CHUNK) -> tuple[int, dict[str, torch.Tensor]] | None:
+def touched_tensors(ledger: Ledger, shas: Iterable[str]) -> set[str]:
+    """The parameter names that these delta objects touch (read from their headers only)."""
+    from kledger.ledger.deltainfo import read_header
+
+    names: set[str] = set()
+    for sha in set(shas):
+        with open(ledger.objects.path(sha), "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            data = head + fh.read(min(n, 100 << 20))
+        meta = read_header(data)[0].get("__metadata__") or {}
+        names.update(json.loads(meta.get("tensors", "{}")))
+    return names
+
+
+def snapshot_problem(ledger: Ledger, path: Path, refs: list[DeltaRef] | None = None,
+                     chunk: int | None = None) -> tuple[str | None, dict | None]:
+    """``(problem, record)`` for one snapshot file; problem None if it may be used for the active
+    events ``refs`` (or, without ``refs``, if it matches what the ledger recorded). A snapshot is
+    used only when (1) the ledger recorded it (``Ledger.record_snapshot``) and its bytes hash to
+    the recorded hash, (2) the row it ends at still has the recorded hash, and (3) it holds only
+    tensors that the events it summarises touch."""
+    from safetensors import safe_open
+
+    rec = ledger.snapshot_record(path.name)
+    if rec is None:
+        return "not recorded in the ledger (pending until the next append, or not made by kledger)", None
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+    n = int(rec["n"])
+    if meta.get("ids_sha256") != rec.get("ids_sha256") or meta.get("chunk") != str(rec.get("chunk")):
+        return "its metadata differs from the ledger's record", rec
+    if chunk is not None and rec.get("chunk") != chunk:
+        return "made with another chunk size", rec
+    if refs is not None and (n > len(refs) or _ids_key([r.id for r in refs[:n]]) != rec["ids_sha256"]):
+        return "its events are not a prefix of the active events", rec
+    last = ledger.events_by_ids([refs[n - 1].id]) if refs is not None else []
+    if refs is not None and (not last or last[0].hash != rec.get("last_hash")):
+        return "the row it ends at does not have the recorded hash", rec
+    return None, rec
+
+
+def recompute_snapshot(ledger: Ledger, model: nn.Module, path: Path) -> str | None:
+    """Recompute a snapshot from ``model`` (the freshly loaded base; left unchanged) and the
+    deltas it summarises, in materialise's order; None if bit for bit equal, else the problem."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+    n, chunk = int(meta.get("n", 0)), int(meta.get("chunk", 0) or 0)
+    try:
+        version = ledger.resolve(meta.get("version", ""))
+    except Exception as exc:  # noqa: BLE001 - any failure to find it is the problem reported
+        return f"the version it was made at ({meta.get('version')!r}) is not in the ledger: {exc}"
+    refs = ledger.active_refs(version)[:n]
+    if n <= 0 or chunk <= 0 or len(refs) < n or _ids_key([r.id for r in refs]) != meta.get("ids_sha256"):
+        return "its events are not the active events of the version it names"
+    ledger.check_rows(r.id for r in refs)
+    params = dict(model.named_parameters())
+    sums: dict[str, torch.Tensor] = {}
+    for i in range(0, n, chunk):
+        deltas = ledger.load_deltas(refs[i : i + chunk])
+        sums.update(accumulate({**params, **sums}, deltas, owned=sums.keys()))
+    stored = _fp32_tensors(bytearray(path.read_bytes()))
+    if set(stored) != set(sums):
+        return f"expected the tensors {sorted(sums)[:4]}…, found {sorted(stored)[:4]}…"
+    for name, value in sums.items():
+        if not torch.equal(stored[name], value.cpu()):
+            return f"tensor {name} differs from the sum of the deltas it summarises"
+    return None
+
+
+def find_snapshot(ledger: Ledger, ids: list[str], chunk: int = DEFAULT_CHUNK,
+                  refs: list[DeltaRef] | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
     """The longest snapshot (made with this ``chunk``) whose events are a prefix of ``ids``:
-    (its length, fp32 sums). A file whose content hash does not match is never used."""
+    (its length, fp32 sums). Only a snapshot that passes ``snapshot_problem`` and whose content
+    hash is the one the ledger recorded is used; a damaged one is removed (and rebuilt later)."""
     root = ledger.cache_dir / "snapshots"
     if not root.is_dir():
         return None
-    from safetensors import safe_open
+    if refs is None:
+        refs = [r for r in ledger.active_refs(ledger.resolve("HEAD")) if r.id in set(ids)]
+        if [r.id for r in refs] != list(ids):
+            by_id = {e.id: e for e in ledger.events_by_ids(list(ids))}
+            refs = [DeltaRef(i, by_id[i].delta_sha256) for i in ids if i in by_id]
 
     for path in sorted(root.glob("*.safetensors"), reverse=True):
         try:
             n = int(path.name.split("-")[0])
         except ValueError:
             continue
-        if n == 0 or n > len(ids) or n % chunk:
+        if n == 0 or n > len(ids) or n % chunk or path.is_symlink():
             continue
         try:
-            with safe_open(str(path), "pt") as fh:
-                meta = fh.metadata() or {}
-            if meta.get("chunk") != str(chunk) or meta.get("ids_sha256") != _ids_key(ids[:n]):
+            if path.name.split("-")[1][:16] != _ids_key(ids[:n])[:16]:
                 continue
-            data = _read_checked(path, path.with_suffix(".sha256").read_text().strip())
-            return n, _fp32_tensors(data)
+            problem, rec = snapshot_problem(ledger, path, refs, chunk)
+            if rec is None:
+                continue  # not recorded yet: left alone, never used
+            if problem:
+                raise ValueError(problem)
+            data = _read_checked(path, rec["sha256"])
+            tensors = _fp32_tensors(data)
+            extra = set(tensors) - touched_tensors(ledger, [r.delta_sha256 for r in refs[:n]])
+            if extra:
+                raise ValueError(f"it holds tensors no summarised event touches: {sorted(extra)[:3]}")
+            return n, tensors
         except Exception as exc:  # a damaged cache file is never trusted: removed, rebuilt later
             log.warning("ignoring and removing snapshot %s: %s", path, exc)
             for q in (path, path.with_suffix(".sha256")):

@@ -33,13 +33,14 @@ class Connections:
         self._session_con: duckdb.DuckDBPyConnection | None = None
 
     @contextlib.contextmanager
-    def connect(self, read_only: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connect(self, read_only: bool = True, timeout: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         if self._session_con is not None:
             if not read_only:
                 raise StateError("expected no write inside a read session (Ledger.session), found one")
             yield self._session_con
             return
-        deadline = time.monotonic() + float(os.environ.get("KLEDGER_READ_TIMEOUT", "15"))
+        deadline = time.monotonic() + (float(os.environ.get("KLEDGER_READ_TIMEOUT", "15")) if timeout is None
+                                       else timeout)
         delay = 0.01
         while True:
             try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import duckdb
 
@@ -31,6 +31,9 @@ class VerifyReport:
     problem: str | None = None
     orphans: list[str] = field(default_factory=list)
     temp_files: list[str] = field(default_factory=list)
+    snapshots_checked: int = 0  # cache/snapshots files whose bytes match the ledger's record
+    snapshots_recomputed: int = 0  # … also recomputed from the base and the deltas (``deep``)
+    pending_snapshots: list[str] = field(default_factory=list)  # recorded by the next append
     seconds: float = 0.0
 
     @property
@@ -41,19 +44,25 @@ class VerifyReport:
         return {
             "ok": self.ok, "rows": self.rows, "objects_checked": self.objects_checked,
             "bad_row": self.bad_row, "problem": self.problem, "orphans": self.orphans,
-            "temp_files": self.temp_files, "seconds": round(self.seconds, 3),
+            "temp_files": self.temp_files, "snapshots_checked": self.snapshots_checked,
+            "snapshots_recomputed": self.snapshots_recomputed, "pending_snapshots": self.pending_snapshots,
+            "seconds": round(self.seconds, 3),
             "rows_per_s": round(self.rows / self.seconds, 1) if self.seconds else None,
         }
 
 
 def verify(ledger: "Ledger", *, check_objects: bool = True, progress: Callable[[int], None] | None = None,
-           anchor: str | None = None) -> VerifyReport:
+           anchor: str | None = None, deep_model: Any = None) -> VerifyReport:
     """Stream every row in order: recompute hashes and the chain, check objects, list orphans.
 
     A chain rewritten consistently from some row on (every later hash recomputed) is only
     detectable against a hash kept outside the ledger: ``anchor`` is such a row hash (from an
     earlier ``kledger log --json``, an export's ``kledger.json``, a nightly audit log); the
     verified chain must contain it, which pins every row up to the anchor.
+
+    Derived data: every snapshot in ``cache/snapshots`` must hash to what the ledger recorded
+    for it (``Ledger.record_snapshot``); its values are recomputed from the base weights and the
+    deltas only with ``deep_model`` (a freshly loaded base model: ``kledger verify --deep``).
     """
     rep = VerifyReport()
     t0 = time.perf_counter()
@@ -98,6 +107,8 @@ def verify(ledger: "Ledger", *, check_objects: bool = True, progress: Callable[[
                 ref = next(refs, None)
             if ref != sha:
                 rep.orphans.append(sha)
+    if rep.ok:
+        _check_snapshots(ledger, rep, deep_model)
     rep.temp_files = [str(p) for p in ledger.objects.temp_files()]
     rep.seconds = time.perf_counter() - t0
     return rep
@@ -156,3 +167,59 @@ def referenced_objects(ledger: "Ledger", groups: int = 16) -> Iterator[str]:
                 "SELECT DISTINCT delta_sha256 FROM events WHERE delta_sha256 >= ? AND delta_sha256 < ? ORDER BY 1",
                 [lo, hi]).fetchall()]
         yield from page
+
+
+def _check_snapshots(ledger: "Ledger", rep: VerifyReport, deep_model: Any = None) -> None:
+    """Each snapshot file: recorded in the ledger, its bytes hash to the record, its header
+    matches; with ``deep_model`` its values are recomputed (``compose.recompute_snapshot``)."""
+    import hashlib
+    import json
+
+    from kledger.ledger.deltainfo import read_header
+
+    folder = ledger.cache_dir / "snapshots"
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        where = f"cache/snapshots/{path.name}"
+        if path.is_symlink():
+            rep.problem = f"{where}: a link inside the ledger (refused)"
+            return
+        rec = ledger.snapshot_record(path.name)
+        if rec is None:
+            if path.with_name(path.name + ".pending").is_file():
+                rep.pending_snapshots.append(path.name)
+                continue
+            rep.problem = f"{where}: a snapshot the ledger has no record of (delete it; it is rebuilt)"
+            return
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            h.update(head)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            first = fh.read(min(n, 100 << 20))
+            h.update(first)
+            for block in iter(lambda: fh.read(16 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != rec.get("sha256"):
+            rep.problem = (f"{where}: expected the content hash {str(rec.get('sha256'))[:16]}… the ledger recorded,"
+                           f" found {h.hexdigest()[:16]}… (the cache file was changed; delete it)")
+            return
+        try:
+            header, _ = read_header(head + first)
+        except KledgerError as exc:
+            rep.problem = f"{where}: {exc}"
+            return
+        meta = header.pop("__metadata__", None) or {}
+        if meta.get("ids_sha256") != rec.get("ids_sha256") or sorted(header) != sorted(rec.get("tensors") or header):
+            rep.problem = f"{where}: expected the events and tensors the ledger recorded, found others"
+            return
+        rep.snapshots_checked += 1
+        if deep_model is not None:
+            from kledger.ledger.compose import recompute_snapshot
+
+            problem = recompute_snapshot(ledger, deep_model, path)
+            if problem:
+                rep.problem = f"{where}: {problem}"
+                return
+            rep.snapshots_recomputed += 1

@@ -148,3 +148,72 @@ def test_verify_decodes_every_object(fake_ledger, indices, values, word):
     rep = L.verify()
     assert not rep.ok and rep.bad_row == ev.seq and word in rep.problem, rep.problem
     assert L.verify(check_objects=False).ok
+
+
+# --- 2. snapshots are bound to the ledger, and verify checks them --------------------------------
+def _snap_ledger(tmp_path):
+    from conftest import SHAPES
+
+    L = new_ledger(tmp_path)
+    for i, (name, idx) in enumerate((("a", [1, 2]), ("b", [3]), ("a", [7]))):
+        append_edit(L, sparse_delta(name, idx, [1.0 + i] * len(idx)), f"fact {i}")
+    return L
+
+
+def _mat(L, **kw):
+    from kledger.ledger.compose import materialise
+
+    m = Params()
+    materialise(L, m, "HEAD", chunk=2, **kw)
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def test_a_tampered_snapshot_never_changes_the_model_and_verify_reports_it(tmp_path):
+    from safetensors.torch import load, save
+
+    L = _snap_ledger(tmp_path)
+    exact = _mat(L, snapshots=False)
+    _mat(L)  # writes (and records) the snapshot of the first 2 events
+    (path,) = (L.cache_dir / "snapshots").glob("*.safetensors")
+    assert L.verify().ok
+    tensors = load(path.read_bytes())
+    tensors["a"] = tensors["a"] + 1.0  # a touched tensor changed
+    tensors["zz"] = torch.ones(3)  # and one no event touches
+    data = save(tensors, metadata=__import__("safetensors").safe_open(str(path), "pt").metadata())
+    path.write_bytes(data)
+    path.with_suffix(".sha256").write_text(__import__("hashlib").sha256(data).hexdigest() + "\n")
+    rep = L.verify()
+    assert not rep.ok and "snapshot" in rep.problem and path.name in rep.problem, rep.to_json()
+    r = run_on(L, "verify")
+    assert r.exit_code == 4 and path.name in r.output
+    got = _mat(L)
+    assert all(torch.equal(got[k], exact[k]) for k in exact)
+
+
+def test_verify_says_it_does_not_recompute_snapshots_unless_deep(tmp_path):
+    L = _snap_ledger(tmp_path)
+    _mat(L)
+    rep = L.verify()
+    assert rep.ok and rep.snapshots_checked == 1 and rep.snapshots_recomputed == 0
+    r = run_on(L, "verify")
+    assert r.exit_code == 0 and "verify --deep" in r.output
+
+
+def test_verify_deep_recomputes_snapshots(tmp_path):
+    from safetensors.torch import load, save
+
+    L = _snap_ledger(tmp_path)
+    _mat(L)
+    rep = L.verify(deep_model=Params())
+    assert rep.ok and rep.snapshots_recomputed == 1, rep.to_json()
+    # forged with the ledger's own record updated too: only recomputing finds it
+    (path,) = (L.cache_dir / "snapshots").glob("*.safetensors")
+    tensors = load(path.read_bytes())
+    tensors["a"] = tensors["a"] * 2
+    data = save(tensors, metadata=__import__("safetensors").safe_open(str(path), "pt").metadata())
+    path.write_bytes(data)
+    rec = L.snapshot_record(path.name) | {"sha256": __import__("hashlib").sha256(data).hexdigest()}
+    _sql(L, "UPDATE snapshots SET record = ?", [json.dumps(rec)])
+    assert L.verify().ok
+    rep = L.verify(deep_model=Params())
+    assert not rep.ok and "differs" in rep.problem
