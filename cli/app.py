@@ -25,6 +25,8 @@ class App:
     device: str = "auto"
     verbose: int = 0
     _ledger: Ledger | None = field(default=None, repr=False)
+    #: events this command has recorded so far (reported if it stops part-way: see cli/main.py)
+    recorded: list = field(default_factory=list, repr=False)
 
     # --- ledger --------------------------------------------------------------------------
     def ledger(self) -> Ledger:

@@ -89,7 +89,7 @@ class _AddCommand(click.Command):
 @click.option("--from-file", "from_file", type=click.Path(dir_okay=False),
               help="JSON list of facts (EasyEdit flat CounterFact or zsRE format); one event per fact.")
 @click.option("--batch", "batch_file", type=click.Path(dir_okay=False), hidden=True)
-@click.option("--limit", type=int, help="Only the first N records of --from-file.")
+@click.option("--limit", type=click.IntRange(min=0), help="Only the first N records of --from-file.")
 @click.option("--batch-size", default=1, show_default=True, help="Facts per editor call (one solve per batch).")
 @click.option("--blue", is_flag=True, help="BLUE variant of a locate-then-edit method (same as --set blue=true).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a method config field.")
@@ -177,14 +177,17 @@ def _event_summary(ev) -> dict:
 def revert(app: App, event: str, message: str | None, rebase: bool = False) -> None:
     """Undo EVENT exactly by appending a compensating event (like git revert)."""
     ledger = app.ledger()
+    target = ledger.resolve(event)  # said back: which event the ref named
+    resolved = {"ref": event, "id": target.id}
     if rebase:
         from kledger.rebase import rebase_revert
 
-        res = rebase_revert(ledger, event, device=app.device, progress=app.show_progress, message=message)
-        text = [f"reverted {res.reverts[0].target} and recomputed {res.recomputed} later edits"
+        res = rebase_revert(ledger, target.id, device=app.device, progress=app.show_progress, message=message)
+        app.recorded.extend(res.reverts + res.added)
+        text = [f"reverted {event} → {res.reverts[0].target} and recomputed {res.recomputed} later edits"
                 f" ({len(res.added)} new events) in {res.seconds:.1f} s"]
         if not app.quiet:
             text += [e.describe() for e in res.reverts + res.added]
-        return app.emit(res.to_json(), "\n".join(text))
-    ev = ledger.revert(event, message=message)
-    app.emit(_event_summary(ev), ev.describe())
+        return app.emit(res.to_json() | {"resolved": resolved}, "\n".join(text))
+    ev = ledger.revert(target.id, message=message)
+    app.emit(_event_summary(ev) | {"resolved": resolved}, f"reverted {event} → {target.id}\n{ev.describe()}")

@@ -10,7 +10,7 @@ from kledger.ledger.errors import IntegrityError
 
 
 @cli.command(name="log")
-@click.option("-n", "limit", type=int, default=None, help="Show at most N events.")
+@click.option("-n", "limit", type=click.IntRange(0, 2**62), default=None, help="Show at most N events.")
 @click.option("--all", "show_all", is_flag=True, help="Every event of every branch, newest first.")
 @click.option("--at", "ref", default="HEAD", show_default=True, help="Start from this ref.")
 @pass_app
@@ -44,6 +44,7 @@ def show(app: App, event: str) -> None:
         ev = ledger.resolve(event)
         data = ev.to_json()
         data["active_at_head"] = ev.id in ledger.active_among([ev], "HEAD")
+        data["resolved"] = {"ref": event, "id": ev.id}
     if ev.delta_sha256:
         data["delta"] = ledger.delta_summary(ev)  # without torch: `show` starts fast
     if app.as_json:
@@ -51,6 +52,7 @@ def show(app: App, event: str) -> None:
         return
     import json
 
+    click.echo(f"{'ref':>14}: {event} → {ev.id}")
     for k in ("id", "seq", "type", "branch", "created_at", "parent", "method", "target", "message",
               "delta_sha256", "delta_bytes", "active_at_head", "hash"):
         if data.get(k) not in (None, [], ""):

@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
 import click
 
@@ -27,27 +28,63 @@ class _Group(click.Group):
         return sorted(set(self.commands) | set(COMMANDS))
 
     def invoke(self, ctx):
+        debug = os.environ.get("KLEDGER_DEBUG") == "1"
         try:
+            _check_arguments([*(getattr(ctx, "_protected_args", None) or ()), *ctx.args])
             return super().invoke(ctx)
         except KledgerError as exc:
-            if os.environ.get("KLEDGER_DEBUG") == "1":
-                raise
-            click.echo(f"kledger: error: {exc}", err=True)
+            if debug:  # the traceback, and still the exit code scripts rely on
+                traceback.print_exc(file=sys.stderr)
+            click.echo(f"kledger: error: {_one_line(exc)}", err=True)
+            _report_partial(ctx)
             ctx.exit(exc.exit_code)
         except BrokenPipeError:  # `kledger log | head`: the reader left; stop quietly
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             ctx.exit(0)
         except KeyboardInterrupt:
-            click.echo("kledger: interrupted; nothing partial was recorded", err=True)
+            if not _report_partial(ctx, interrupted=True):
+                click.echo("kledger: interrupted; nothing was recorded by this command", err=True)
             ctx.exit(130)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:  # a bug or an unexpected library error: still one line
-            if os.environ.get("KLEDGER_DEBUG") == "1":
-                raise
-            click.echo(f"kledger: error: {type(exc).__name__}: {exc} (set KLEDGER_DEBUG=1 for a traceback)", err=True)
+            if debug:
+                traceback.print_exc(file=sys.stderr)
+            click.echo(f"kledger: error: {type(exc).__name__}: {_one_line(exc)}"
+                       + ("" if debug else " (set KLEDGER_DEBUG=1 for a traceback)"), err=True)
+            _report_partial(ctx)
             ctx.exit(1)
+
+
+def _one_line(exc: BaseException, limit: int = 2000) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def _check_arguments(args) -> None:
+    """Every argument must be text (a lone surrogate is a byte that is not UTF-8: usage error)."""
+    from kledger.ledger.errors import UsageError
+
+    for a in args:
+        if isinstance(a, str):
+            try:
+                a.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UsageError(f"expected UTF-8 text in every argument, found {ascii(a)[:80]}") from None
+
+
+def _report_partial(ctx, interrupted: bool = False) -> bool:
+    """After a stop: say on stderr which events this command had already recorded (a batch
+    stopped part-way is not rolled back: each fact is its own event). True if there were any."""
+    app = ctx.find_object(App)
+    recorded = list(getattr(app, "recorded", None) or ())
+    if not recorded:
+        return False
+    ids = ", ".join(e.id for e in recorded)
+    what = "interrupted" if interrupted else "stopped"
+    click.echo(f"kledger: {what} after recording {len(recorded)} event(s): {ids}", err=True)
+    return True
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

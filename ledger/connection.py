@@ -19,9 +19,30 @@ from typing import Any, Iterator
 
 import duckdb
 
-from kledger.ledger.errors import LedgerBusyError, StateError
+from kledger.ledger.errors import IntegrityError, LedgerBusyError, StateError
 
 log = logging.getLogger(__name__)
+
+
+#: what DuckDB says when another process holds the file (the only error that means "busy")
+_LOCK_WORDS = ("could not set lock", "conflicting lock", "database is locked")
+#: what DuckDB says about a file it cannot read as a database (an integrity failure, exit 4)
+_DAMAGE_WORDS = ("corrupt", "checksum", "not a valid duckdb", "could not read enough bytes", "invalid database",
+                 "unsupported version", "serialization error", "failed to deserialize")
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    return isinstance(exc, duckdb.IOException) and any(w in str(exc).lower() for w in _LOCK_WORDS)
+
+
+def _is_damage(exc: BaseException) -> bool:
+    return any(w in str(exc).lower() for w in _DAMAGE_WORDS)
+
+
+def _damaged(path: Path, exc: BaseException) -> IntegrityError:
+    text = " ".join(str(exc).split())
+    return IntegrityError(f"expected {path} to be a readable DuckDB ledger database, found it damaged:"
+                          f" {text[:300]}")
 
 
 class Connections:
@@ -46,13 +67,19 @@ class Connections:
             try:
                 con = duckdb.connect(str(self.db_path), read_only=read_only)
                 break
-            except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+            except duckdb.Error as exc:
+                if not _is_lock_error(exc):  # only a held lock is "busy"; anything else is damage
+                    raise _damaged(self.db_path, exc) from None
+                if time.monotonic() > deadline:
                     raise LedgerBusyError(f"expected to open {self.db_path}, found it locked: {exc}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
         try:
             yield con
+        except duckdb.Error as exc:
+            if _is_damage(exc):
+                raise _damaged(self.db_path, exc) from None
+            raise
         finally:
             con.close()
 

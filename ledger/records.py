@@ -48,6 +48,12 @@ class FactRequest:
     case_id: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("subject", "target_true", "case_id"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise UsageError(f"{name} must be a string when given, found {type(value).__name__} {value!r:.60}")
+        for name in ("prompt", "target_new", "subject", "target_true", "case_id"):
+            _utf8(name, getattr(self, name))
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise UsageError(f"prompt must be a non-empty string, found {self.prompt!r}")
         if not isinstance(self.target_new, str) or not self.target_new.strip():
@@ -69,6 +75,10 @@ class FactRequest:
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)
+            if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+                raise UsageError(f"{name} must be a list of strings, found {value!r:.80}")
+            for v in value:
+                _utf8(name, v)
             object.__setattr__(self, name, tuple(value))
         if len(self.locality_answers) not in (0, len(self.locality_prompts)):
             raise UsageError(
@@ -125,12 +135,22 @@ class FactRequest:
         )
 
 
+def _utf8(name: str, v: Any) -> None:
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{name} must be UTF-8 text, found {ascii(v)[:60]}") from None
+
+
 def _as_tuple(v: Any) -> tuple[str, ...]:
     if v is None or v == "":
         return ()
     if isinstance(v, str):
         return (v,)
-    return tuple(str(x) for x in v)
+    if not isinstance(v, (list, tuple)):
+        raise UsageError(f"expected a string or a list of strings, found {type(v).__name__} {v!r:.60}")
+    return tuple(v)  # each checked to be a string by FactRequest
 
 
 def _opt_str(v: Any) -> str | None:

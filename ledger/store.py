@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Itera
 import duckdb
 
 from kledger.ledger import rows
-from kledger.ledger.errors import KledgerError, NotFoundError, StateError, UsageError
+from kledger.ledger.errors import IntegrityError, KledgerError, NotFoundError, StateError, UsageError
 from kledger.ledger.connection import Connections
 from kledger.ledger.graph import Graph
 from kledger.ledger.objects import ObjectStore
@@ -47,9 +47,24 @@ DB_NAME = "ledger.duckdb"
 SCHEMA_VERSION = 1
 DEFAULT_BRANCH = "main"
 _BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
+_HEXLIKE = re.compile(r"[0-9a-fA-F]{4,}")
+#: the longest HEAD file content shown in a message
+_SHOWN = 60
 #: what an appended event may carry (``append``'s keyword arguments, ``append_many``'s item keys)
 ITEM_FIELDS = frozenset({"type", "request", "method", "config", "ensemble", "metrics", "target", "message",
                          "delta", "parent", "parents"})
+
+
+def check_branch_name(name: Any) -> str:
+    """A new branch's name, or UsageError: letters, digits and ``._/-``, starting with a letter
+    or digit, at most 100 characters; not ``HEAD``, not a hex string of 4+ digits (it would hide
+    the event id it spells), no ``..``, no ``/`` at the end, no ``~``, ``^`` or whitespace."""
+    if not isinstance(name, str) or not _BRANCH_RE.match(name) or name == "HEAD" or ".." in name \
+            or name.endswith(("/", ".")) or "//" in name or _HEXLIKE.fullmatch(name):
+        shown = ascii(name)[:60] if isinstance(name, str) else type(name).__name__
+        raise UsageError(f"expected a branch name of letters, digits and ._/- (not HEAD, not a hex string that could"
+                         f" be an event id, no '..' and no '/' at the end), found {shown}")
+    return name
 
 
 def _now() -> str:
@@ -191,10 +206,20 @@ class Ledger:
     # --- refs and branches ---------------------------------------------------------------
     def current_branch(self) -> str:
         try:
-            name = (self.root / "HEAD").read_text().strip()
+            with open(self.root / "HEAD", "rb") as fh:
+                raw = fh.read(512)
         except FileNotFoundError:
             return DEFAULT_BRANCH
-        return name or DEFAULT_BRANCH
+        try:
+            name = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            name = None
+        if name == "":
+            return DEFAULT_BRANCH
+        if name is None or len(raw) >= 512 or not _BRANCH_RE.match(name):
+            raise IntegrityError(f"expected {self.root / 'HEAD'} to hold a branch name, found"
+                                 f" {ascii(raw[:_SHOWN])}{'…' if len(raw) > _SHOWN else ''} ({len(raw)}+ bytes)")
+        return name
 
     def set_current_branch(self, name: str) -> None:
         self.branch_head(name)  # must exist
@@ -222,8 +247,13 @@ class Ledger:
         return self.branch_head(self.current_branch())
 
     def resolve(self, ref: str | None = "HEAD") -> Event:
-        """``HEAD``, ``HEAD~N``, a branch name (``NAME~N``), or an event id (prefix)."""
-        ref = (ref or "HEAD").strip()
+        """``HEAD``, ``HEAD~N``, a branch name (``NAME~N``), or an event id (prefix). A hex ref
+        that names an event is that event, even where an older ledger has a branch of that name."""
+        if ref is None:
+            ref = "HEAD"
+        if not isinstance(ref, str) or not ref.strip():
+            raise UsageError(f"expected a ref (HEAD, HEAD~N, a branch or an event id), found {ascii(ref)[:60]}")
+        ref = ref.strip()
         m = re.fullmatch(r"(.+?)(?:~(\d*))?", ref)
         base, back = m.group(1), m.group(2)
         steps = 0 if back is None else (int(back) if back else 1)
@@ -231,10 +261,18 @@ class Ledger:
             ev = self.head()
         else:
             branch_names = None
-            if _BRANCH_RE.match(base):
+            if _HEXLIKE.fullmatch(base):
+                try:
+                    ev = self.get(base)
+                except NotFoundError:
+                    ev = None
+            else:
+                ev = None
+            if ev is None and _BRANCH_RE.match(base):
                 with self._connect() as con:
                     branch_names = con.execute("SELECT 1 FROM events WHERE branch = ? LIMIT 1", [base]).fetchone()
-            ev = self.branch_head(base) if branch_names else self.get(base)
+            if ev is None:
+                ev = self.branch_head(base) if branch_names else self.get(base)
         for i in range(steps):
             if ev.parent is None:
                 raise NotFoundError(f"expected {ref!r} to name an event, but the history has only {i} ancestors")
@@ -243,8 +281,7 @@ class Ledger:
 
     def create_branch(self, name: str, ref: str | Event = "HEAD") -> Event:
         """Append a ``branch`` event: branch ``name`` starts at ``ref``."""
-        if name == "HEAD" or "~" in name:
-            raise UsageError(f"expected a branch name, found {name!r}")
+        check_branch_name(name)
         at = ref if isinstance(ref, Event) else self.resolve(ref)
 
         def check(_ledger: "Ledger", head: Event | None) -> None:

@@ -22,7 +22,8 @@ PROMPT = "The Eiffel Tower is located in the city of"
 
 
 def _add(led, *extra, target=" Rome"):
-    return run(["--json", "add", PROMPT, target, "--subject", "The Eiffel Tower", "--set", "max_steps=2", *extra], led)
+    return run(["--json", "add", PROMPT, target, "--subject", "The Eiffel Tower", "--method", "kne", "--set", "max_steps=2",
+                *extra], led)
 
 
 def _tree(path: Path) -> dict:
@@ -217,3 +218,95 @@ def test_verify_deep_recomputes_snapshots(tmp_path):
     assert L.verify().ok
     rep = L.verify(deep_model=Params())
     assert not rep.ok and "differs" in rep.problem
+
+
+# --- 5. branch names never hide event ids; revert/show say what a ref resolved to --------------
+@pytest.mark.parametrize("name", ["e5d6bf950df7", "beef", "BEEF12", "HEAD", "", " ", "a~1", "a^", "a..b", "/a", "a/",
+                                  "a b", "tab\tx", "-x"])
+def test_branch_names_that_could_hide_a_ref_are_refused(fake_ledger, name):
+    with pytest.raises(UsageError):
+        fake_ledger.create_branch(name)
+    assert fake_ledger.count() == 1
+
+
+def test_revert_and_show_say_which_event_a_ref_resolved_to(fake_ledger):
+    L = fake_ledger
+    a = append_edit(L, sparse_delta("a", [0], [1.0]), "fact a")
+    append_edit(L, sparse_delta("a", [1], [1.0]), "fact b")
+    r = run_on(L, "show", "HEAD~1")
+    assert r.exit_code == 0 and f"HEAD~1 → {a.id}" in r.output.splitlines()[0], r.output
+    r = run_on(L, "revert", "HEAD~1")
+    assert r.exit_code == 0 and f"HEAD~1 → {a.id}" in r.output, r.output
+    r = run_on(L, "--json", "revert", "HEAD~1")  # HEAD~1 is now the second add
+    assert json.loads(r.output)["resolved"]["ref"] == "HEAD~1"
+
+
+# --- 7. a damaged database is an integrity failure, not "busy" -----------------------------------
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "flip"])
+def test_a_damaged_database_exits_4_not_75(fake_ledger, damage):
+    L = fake_ledger
+    for i in range(3):
+        append_edit(L, sparse_delta("a", [i], [1.0]), f"fact {i}")
+    data = bytearray(L.db_path.read_bytes())
+    if damage == "garbage":
+        data = bytearray(b"not a database at all" * 100)
+    elif damage == "truncate":
+        data = data[: len(data) // 3]
+    else:
+        import random
+
+        rnd = random.Random(0)
+        for _ in range(200):
+            data[rnd.randrange(4096, len(data))] ^= 0xFF
+    L.db_path.write_bytes(bytes(data))
+    for args in (["log"], ["verify"], ["status"]):
+        r = run_on(L, *args)
+        assert r.exit_code in (0, 4), (args, r.exit_code, r.output)
+        if damage != "flip":
+            assert r.exit_code == 4 and "ledger.duckdb" in r.output, (args, r.output)
+
+
+# --- 9. KLEDGER_DEBUG shows the traceback and keeps the exit code -------------------------------
+def test_debug_keeps_the_exit_code(fake_ledger, monkeypatch):
+    L = fake_ledger
+    a = append_edit(L, sparse_delta("a", [0], [1.0]), "fact a")
+    _sql(L, "UPDATE events SET message = 'x' WHERE seq = ?", [a.seq])
+    monkeypatch.setenv("KLEDGER_DEBUG", "1")
+    r = invoke(["--ledger", str(L.root), "revert", a.id])
+    assert r.exit_code == 4 and "Traceback" in r.output and "IntegrityError" in r.output, r.output
+
+
+# --- 12. input validation: one-line usage errors, nothing recorded ------------------------------
+@pytest.mark.parametrize("args", [["log", "-n", "-1"], ["log", "-n", "99999999999999999999"], ["show", ""],
+                                  ["show", "   "], ["branch", "a\udcff"], ["revert", "\udcff"]])
+def test_bad_arguments_are_usage_errors(fake_ledger, args):
+    r = invoke(["--ledger", str(fake_ledger.root), *args])
+    assert r.exit_code == 2 and r.output.count("rror: ") == 1, r.output  # one error line (click adds usage)
+    assert "Traceback" not in r.output and fake_ledger.count() == 1
+
+
+def test_a_huge_head_file_is_not_echoed(fake_ledger):
+    (fake_ledger.root / "HEAD").write_text("x" * 100_000)
+    r = invoke(["--ledger", str(fake_ledger.root), "status"])
+    assert r.exit_code != 0 and len(r.output) < 400, len(r.output)
+
+
+@pytest.mark.parametrize("record, word", [({"prompt": "p q", "target_new": "x", "subject": 5}, "subject"),
+                                          ({"prompt": 5, "target_new": "x"}, "prompt"),
+                                          ({"prompt": "p", "target_new": ["x"]}, "target"),
+                                          ({"prompt": "p", "target_new": "x", "rephrase_prompts": [1]}, "rephrase"),
+                                          ({"prompt": "p \udcff", "target_new": "x"}, "UTF-8")])
+def test_wrong_field_types_in_records_are_usage_errors(tmp_path, record, word):
+    from kledger.ledger.records import load_requests
+
+    f = tmp_path / "facts.json"
+    f.write_text(json.dumps([record]))
+    with pytest.raises(UsageError, match=word):
+        load_requests(str(f))
+
+
+def test_add_limit_must_not_be_negative(led, tmp_path):
+    f = tmp_path / "facts.json"
+    f.write_text(json.dumps([{"prompt": PROMPT, "target_new": " Rome"}] * 2))
+    r = run(["add", "--from-file", str(f), "--limit", "-1"], led)
+    assert r.exit_code == 2 and Ledger.open(led).count() == 1
