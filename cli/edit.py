@@ -138,6 +138,7 @@ def add(app: App, prompt, target, subject, target_true, method, from_file, batch
     def on_event(ev):
         bar.update(len(ev.request) if isinstance(ev.request, list) else 1)
         out.append(ev)
+        app.recorded.append(ev)  # reported if the batch stops part-way (cli/main.py)
         if not app.as_json and not app.quiet:
             click.echo(ev.describe())
 

@@ -138,6 +138,21 @@ def fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+#: files that make up a tokenizer (any of them changes what the model reads and writes)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja")
+
+
+def tokenizer_fingerprint(path: str | Path) -> str:
+    """sha256 over the tokenizer files present (name and content hash), sorted by name: swapping
+    two token ids in ``tokenizer.json`` changes generations as surely as changing a weight."""
+    p = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.iterdir() if q.name in TOKENIZER_FILES and q.is_file()):
+        h.update(f.name.encode() + b"\0" + _file_sha256(f).encode() + b"\n")
+    return h.hexdigest()
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -150,10 +165,12 @@ def pick_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def load_model(spec: str, device: str | torch.device = "auto", expect_fingerprint: str | None = None):
+def load_model(spec: str, device: str | torch.device = "auto", expect_fingerprint: str | None = None,
+               expect_tokenizer: str | None = None):
     """Load (model, tokenizer, ModelInfo) in fp32, eval mode, gradients off for parameters.
 
-    With ``expect_fingerprint`` the model is refused before loading if its files differ.
+    With ``expect_fingerprint`` the model is refused before loading if its files differ; with
+    ``expect_tokenizer`` (``tokenizer_fingerprint``) if its tokenizer files do.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -164,6 +181,11 @@ def load_model(spec: str, device: str | torch.device = "auto", expect_fingerprin
             f"expected the base model recorded in the ledger (fingerprint {expect_fingerprint[:16]}…),"
             f" found {spec!r} with fingerprint {fp[:16]}…"
         )
+    if expect_tokenizer is not None:
+        tfp = tokenizer_fingerprint(path)
+        if tfp != expect_tokenizer:
+            raise ModelMismatchError(f"expected the base model's tokenizer recorded in the ledger (tokenizer fingerprint"
+                                     f" {expect_tokenizer[:16]}…), found {spec!r} with tokenizer fingerprint {tfp[:16]}…")
     dev = device if isinstance(device, torch.device) else pick_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)

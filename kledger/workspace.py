@@ -24,7 +24,7 @@ import torch
 from kledger.audit.drift import DriftTracker, SafetensorsBase, cache_file, measure_edit
 from kledger.editors.base import EditContext, Editor, EditResult, config_to_json, make_config
 from kledger.editors.models import cache_dir as models_cache_dir
-from kledger.editors.models import fingerprint, load_model, resolve_model_path
+from kledger.editors.models import fingerprint, load_model, resolve_model_path, tokenizer_fingerprint
 from kledger.editors.registry import editor_class
 from kledger.ledger.compose import Materialised, apply_deltas, check_export_target, export, materialise
 from kledger.ledger.deltas import accumulate
@@ -43,6 +43,7 @@ def init_ledger(directory: str | Path, model_spec: str, message: str | None = No
         "spec": model_spec,
         "path": str(Path(path).resolve()),
         "fingerprint": fingerprint(path),
+        "tokenizer_fingerprint": tokenizer_fingerprint(path),
         "model_type": cfg.get("model_type"),
         "architectures": cfg.get("architectures"),
     }
@@ -165,7 +166,9 @@ class Workspace:
         if self.model_spec is None and spec == base.get("path") and not os.path.isdir(spec):
             raise UsageError(f"expected the base model folder {spec!r} recorded at init, found it missing;"
                              " pass --model with a copy of it")
-        return load_model(spec, self.device, expect_fingerprint=base["fingerprint"])
+        # ledgers made before the tokenizer was recorded have no tokenizer_fingerprint: not checked
+        return load_model(spec, self.device, expect_fingerprint=base["fingerprint"],
+                          expect_tokenizer=base.get("tokenizer_fingerprint"))
 
     def model_with(self, ids: Sequence[str]):
         """A fresh base model with the deltas of events ``ids`` applied: (model, tok, events)."""

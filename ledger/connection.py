@@ -106,7 +106,12 @@ class Connections:
     def write_lock(self, timeout: float | None = None) -> Iterator[None]:
         """Exclusive OS lock across processes; waits up to ``timeout`` s, then LedgerBusyError."""
         timeout = float(os.environ.get("KLEDGER_LOCK_TIMEOUT", "30")) if timeout is None else timeout
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_APPEND: pwrite below
+        try:  # never through a link: the holder's pid is written into this file
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # no O_APPEND: pwrite below
+        except OSError as exc:
+            if self.lock_path.is_symlink():
+                raise IntegrityError(f"expected {self.lock_path} to be a plain file, found a link (refused)") from None
+            raise
         try:
             deadline = time.monotonic() + timeout
             told = False

@@ -51,3 +51,8 @@ class LedgerBusyError(KledgerError):
     """Another process holds the ledger's write lock past the wait limit (exit 75, EX_TEMPFAIL)."""
 
     exit_code = 75
+
+
+class HeadMovedError(LedgerBusyError, StateError):
+    """The branch head moved (another writer appended) while an edit was computed; nothing of
+    this edit was appended and running the command again is safe (exit 75, like busy)."""

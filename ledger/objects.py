@@ -27,12 +27,20 @@ class ObjectStore:
     def path(self, sha: str) -> Path:
         return self.root / sha[:2] / (sha[2:] + SUFFIX)
 
+    def _no_links(self, p: Path) -> None:
+        """Objects live in real folders of the ledger: a link on the way is refused, never followed."""
+        for q in (self.root, p.parent, p):
+            if q.is_symlink():
+                raise IntegrityError(f"expected a real file or folder at {q}, found a link (refused: objects are"
+                                     " never read or written through links)")
+
     def exists(self, sha: str) -> bool:
         return self.path(sha).is_file()
 
     def put(self, data: bytes) -> tuple[str, int]:
         sha = sha256_hex(data)
         final = self.path(sha)
+        self._no_links(final)
         if final.is_file():
             return sha, len(data)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +61,7 @@ class ObjectStore:
 
     def get(self, sha: str) -> bytes:
         p = self.path(sha)
+        self._no_links(p)
         try:
             data = p.read_bytes()
         except FileNotFoundError:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Itera
 import duckdb
 
 from kledger.ledger import rows
-from kledger.ledger.errors import IntegrityError, KledgerError, NotFoundError, StateError, UsageError
+from kledger.ledger.errors import HeadMovedError, IntegrityError, KledgerError, NotFoundError, StateError, UsageError
 from kledger.ledger.connection import Connections
 from kledger.ledger.graph import Graph
 from kledger.ledger.objects import ObjectStore
@@ -408,7 +408,7 @@ class Ledger:
                 if head_id is None and items[0]["type"] != "branch":
                     raise NotFoundError(f"expected a branch named {branch!r}, found none")
                 if expect_head is not None and head_id is not None and head_id != expect_head:
-                    raise StateError(
+                    raise HeadMovedError(
                         f"expected branch {branch!r} at {expect_head}, found it moved to {head_id} while the"
                         " edit was computed; run the command again"
                     )

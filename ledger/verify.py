@@ -108,6 +108,11 @@ def verify(ledger: "Ledger", *, check_objects: bool = True, progress: Callable[[
             if ref != sha:
                 rep.orphans.append(sha)
     if rep.ok:
+        links = _links(ledger)
+        if links:
+            rep.problem = (f"expected no links inside {ledger.root}, found {len(links)}: {', '.join(links[:3])}"
+                           " (kledger refuses to read or write through them)")
+    if rep.ok:
         _check_snapshots(ledger, rep, deep_model)
     rep.temp_files = [str(p) for p in ledger.objects.temp_files()]
     rep.seconds = time.perf_counter() - t0
@@ -223,3 +228,16 @@ def _check_snapshots(ledger: "Ledger", rep: VerifyReport, deep_model: Any = None
                 rep.problem = f"{where}: {problem}"
                 return
             rep.snapshots_recomputed += 1
+
+
+def _links(ledger: "Ledger") -> list[str]:
+    """Links anywhere inside the ledger folder (not followed)."""
+    import os
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(ledger.root):  # os.walk does not follow links
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                found.append(os.path.relpath(p, ledger.root))
+    return sorted(found)

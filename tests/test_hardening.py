@@ -310,3 +310,73 @@ def test_add_limit_must_not_be_negative(led, tmp_path):
     f.write_text(json.dumps([{"prompt": PROMPT, "target_new": " Rome"}] * 2))
     r = run(["add", "--from-file", str(f), "--limit", "-1"], led)
     assert r.exit_code == 2 and Ledger.open(led).count() == 1
+
+
+# --- 10. links inside .kledger/ are refused, never followed ------------------------------------
+def test_a_linked_lock_file_or_object_folder_is_refused(fake_ledger, tmp_path):
+    L = fake_ledger
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    (L.root / "write.lock").unlink(missing_ok=True)
+    (L.root / "write.lock").symlink_to(outside)
+    with pytest.raises(IntegrityError, match="write.lock"):
+        append_edit(L, sparse_delta("a", [0], [1.0]), "fact")
+    assert outside.read_text() == "precious" and L.count() == 1
+    rep = L.verify()
+    assert not rep.ok and "write.lock" in rep.problem
+    (L.root / "write.lock").unlink()
+    d = sparse_delta("a", [1], [2.0])
+    sha = __import__("hashlib").sha256(d.to_bytes()).hexdigest()
+    far = tmp_path / "far"
+    far.mkdir()
+    (L.objects.root / sha[:2]).symlink_to(far, target_is_directory=True)
+    with pytest.raises(IntegrityError, match="link"):
+        append_edit(L, d, "fact")
+    assert list(far.iterdir()) == [] and L.count() == 1
+    assert "link" in L.verify().problem
+
+
+# --- 8. the tokenizer is part of the base model's identity --------------------------------------
+def test_a_changed_tokenizer_is_refused(tmp_path, tiny_llama_dir):
+    from kledger.ledger.errors import ModelMismatchError
+    from kledger.workspace import Workspace, init_ledger
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    ledger = init_ledger(tmp_path, str(model))
+    assert ledger.base_model()["tokenizer_fingerprint"]
+    Workspace(ledger).load_base()
+    tj = json.loads((model / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    vocab["Paris"], vocab["Rome"] = vocab["Rome"], vocab["Paris"]
+    (model / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ModelMismatchError, match="tokenizer"):
+        Workspace(ledger).load_base()
+
+
+# --- 6. a batch stopped part-way says what it recorded; a moved head is retryable (75) ----------
+def test_a_moved_head_is_a_retryable_conflict(fake_ledger):
+    L = fake_ledger
+    head = L.head().id
+    append_edit(L, sparse_delta("a", [0], [1.0]), "other writer")
+    with pytest.raises(KledgerError) as info:
+        append_edit(L, sparse_delta("a", [1], [1.0]), "mine", expect_head=head)
+    assert info.value.exit_code == 75 and "moved" in str(info.value)
+
+
+@pytest.mark.parametrize("stop, code", [(KeyboardInterrupt, 130), (IntegrityError("boom"), 4)])
+def test_a_batch_stopped_part_way_reports_what_it_recorded(led, tmp_path, monkeypatch, stop, code):
+    from kledger.workspace import Workspace
+
+    def add(self, requests, on_event=None, **kw):
+        ev = append_edit(self.ledger, None, "recorded first")
+        on_event(ev)
+        raise stop
+
+    monkeypatch.setattr(Workspace, "add", add)
+    f = tmp_path / "facts.json"
+    f.write_text(json.dumps([{"prompt": PROMPT, "target_new": " Rome"}] * 3))
+    r = invoke(["--ledger", str(led), "add", "--from-file", str(f), "--method", "kne"])
+    ev = Ledger.open(led).head()
+    assert r.exit_code == code and f"after recording 1 event(s): {ev.id}" in r.output, r.output
+    assert "nothing was recorded" not in r.output
