@@ -149,9 +149,9 @@ def _memoise_v_star():
     """Reuse v* while the model's weights and the inputs are the same (for --sweep)."""
     import hashlib
 
-    from kledger.editors import locate
+    from kledger.editors import driver
 
-    orig, memo = locate.compute_z, {}
+    orig, memo = driver.compute_z, {}
 
     def cached(model, tok, sites, layer, requests, templates, cfg, **kw):
         h = hashlib.sha256()
@@ -164,7 +164,7 @@ def _memoise_v_star():
             memo[key] = orig(model, tok, sites, layer, requests, templates, cfg, **kw)
         return memo[key]
 
-    locate.compute_z = cached
+    driver.compute_z = cached
 
 
 def write_into(model, deltas):

@@ -85,7 +85,7 @@ class _AddCommand(click.Command):
 @click.argument("target", required=False)
 @click.option("--subject", help="The subject, a substring of PROMPT (needed by locate-then-edit methods).")
 @click.option("--target-true", help="The answer being replaced, if known (for efficacy scores).")
-@click.option("--method", default="kne", show_default=True, help="Editing method (see below).")
+@click.option("--method", default="ultraedit", show_default=True, help="Editing method (see below).")
 @click.option("--from-file", "from_file", type=click.Path(dir_okay=False),
               help="JSON list of facts (EasyEdit flat CounterFact or zsRE format); one event per fact.")
 @click.option("--batch", "batch_file", type=click.Path(dir_okay=False), hidden=True)
@@ -191,4 +191,5 @@ def revert(app: App, event: str, message: str | None, rebase: bool = False) -> N
             text += [e.describe() for e in res.reverts + res.added]
         return app.emit(res.to_json() | {"resolved": resolved}, "\n".join(text))
     ev = ledger.revert(target.id, message=message)
-    app.emit(_event_summary(ev) | {"resolved": resolved}, f"reverted {event} → {target.id}\n{ev.describe()}")
+    app.emit(_event_summary(ev) | {"resolved": resolved},
+             ev.describe() if app.quiet else f"reverted {event} → {target.id}\n{ev.describe()}")

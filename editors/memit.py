@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult
-from kledger.editors.locate import LocateConfig, Solver, locate_edit, memit_solve, stats_for
+from kledger.editors.driver import Solver, locate_edit, memit_solve, stats_for
+from kledger.editors.locate import LocateConfig
 from kledger.ledger.records import FactRequest
 
 

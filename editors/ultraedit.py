@@ -238,12 +238,16 @@ def history_factor(H: torch.Tensor | None, lam: float, mu: float, C0: torch.Tens
 
 
 class UltraEditEditor(Editor):
-    name = "ultraedit"
-    summary = "UltraEdit: lifelong-normalised closed-form ridge update, no statistics pass (fast, lifelong)"
-    paper = "https://arxiv.org/abs/2505.14679"
+    """The lifelong default: gradient-derived values, lifelong normalisation, one ridge solve a turn.
+
+    Reads ``ctx.history["states"]`` (``needs_history``): earlier active UltraEdit events' normaliser
+    sums and keys. Solves a batch jointly (``batch_solve``), so ``merge --strategy resolve`` can
+    re-solve both sides' UltraEdit edits together."""
+
     config_cls = UltraEditConfig
-    needs_history = True  # ctx.history["states"]: earlier active UltraEdit events' Delta.state
-    batch_solve = True
+    name, needs_history, batch_solve = "ultraedit", True, True
+    summary = "UltraEdit: lifelong-normalised ridge update at the subject (default; C0 preservation)"
+    paper = "https://arxiv.org/abs/2505.14679"
 
     def compute(self, model: nn.Module, tok, requests: Sequence[FactRequest], ctx: EditContext) -> list[EditResult]:
         if not requests:

@@ -11,7 +11,7 @@ echo "== working in $WORK"
 
 kledger init --model "$MODEL"                                # .kledger/ with the base fingerprint
 kledger generate "$PROMPT" -n 3                              # before: " Paris"
-kledger add "$PROMPT" " Rome" --subject "The Eiffel Tower"   # one KNE edit = one ledger event
+kledger add "$PROMPT" " Rome" --subject "The Eiffel Tower"   # one UltraEdit edit = one ledger event
 kledger generate "$PROMPT" -n 3 --expect " Rome"             # after: " Rome"
 kledger log                                                  # newest first
 kledger show HEAD                                            # request, config, ensemble, metrics, delta

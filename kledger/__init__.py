@@ -7,7 +7,7 @@ The public Python API::
     ledger = init_ledger("work", "smollm2-135m")
     ws = Workspace(ledger)
     [ev] = ws.add([FactRequest("The Eiffel Tower is located in the city of", " Rome",
-                               subject="The Eiffel Tower")], method="kne")
+                               subject="The Eiffel Tower")])
     ws.revert(ev.id)
 
 The package holds the one orchestrator — ``kledger.workspace`` (editors meet the ledger there and

@@ -195,7 +195,7 @@ class Workspace:
     def add(
         self,
         requests: Sequence[FactRequest],
-        method: str = "kne",
+        method: str = "ultraedit",
         overrides: Mapping[str, Any] | None = None,
         batch_size: int = 1,
         on_event: Callable[[Event], None] | None = None,

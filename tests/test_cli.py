@@ -36,7 +36,7 @@ class _NaNEditor(Editor):
 
 
 def _add(led, *extra, target=" Rome"):
-    return run(["--json", "add", PROMPT, target, "--subject", "The Eiffel Tower", "--set", "max_steps=40",
+    return run(["--json", "add", PROMPT, target, "--subject", "The Eiffel Tower", "--method", "kne", "--set", "max_steps=40",
                 *extra], led)
 
 
@@ -149,7 +149,7 @@ def test_model_with_other_fingerprint_is_refused(led, tmp_path, tiny_llama_dir):
     # the same folder under another path is the same model: accepted
     copy = tmp_path / "copy"
     shutil.copytree(tiny_llama_dir, copy)
-    r = run(["add", PROMPT, " Rome", "--set", "max_steps=2", "--model", str(copy)], led)
+    r = run(["add", PROMPT, " Rome", "--method", "kne", "--set", "max_steps=2", "--model", str(copy)], led)
     assert r.exit_code == 0, r.output
 
 
@@ -208,7 +208,7 @@ def test_from_file_one_event_per_fact(led, tmp_path):
     ]
     f = tmp_path / "facts.json"
     f.write_text(json.dumps(facts))
-    r = run(["--json", "add", "--from-file", str(f), "--set", "max_steps=5"], led)
+    r = run(["--json", "add", "--from-file", str(f), "--method", "kne", "--set", "max_steps=5"], led)
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert [e["request"]["target_new"] for e in out] == [" Rome", " English"]

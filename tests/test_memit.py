@@ -10,7 +10,8 @@ import torch
 from kledger.editors.alphaedit import (AlphaEditConfig, AlphaEditEditor, alphaedit_solve, history_keys,
                                        null_space_projector)
 from kledger.editors.base import EditContext, applied, make_config
-from kledger.editors.locate import default_layers, memit_solve, subject_last_index
+from kledger.editors.driver import memit_solve
+from kledger.editors.locate import default_layers, subject_last_index
 from kledger.editors.memit import MEMITConfig, MEMITEditor
 from kledger.editors.models import load_model
 from kledger.editors.registry import editor_class
@@ -152,7 +153,8 @@ def test_edit_raises_target_probability_and_leaves_model_unchanged(tiny4, tmp_pa
     with applied(model, [r.delta for r in results]):
         lp1 = score_targets(model, tok, prompts, targets)
     assert (lp1 > lp0 + 0.5).all(), (lp0, lp1)
-    from kledger.editors.locate import compute_z, keys_and_outputs
+    from kledger.editors.locate import keys_and_outputs
+    from kledger.editors.vstar import compute_z
 
     Z, _ = compute_z(model, tok, sites, 1, reqs, ["{}"], editor.config)  # deterministic: the editor's z
     _, h0 = keys_and_outputs(model, tok, sites, reqs, ["{}"], [1], 1)
@@ -305,7 +307,8 @@ def test_subject_last_index(tiny4_llama):
 
 
 def test_prefix_cache_gives_the_same_v_star(tiny4):
-    from kledger.editors.locate import LocateConfig, compute_z, context_templates
+    from kledger.editors.locate import LocateConfig, context_templates
+    from kledger.editors.vstar import compute_z
 
     model, tok, _ = tiny4
     cfg = LocateConfig(**(FAST | {"v_steps": 4, "n_prefixes": 3, "prefix_tokens": 4, "batch_templates": False}))
@@ -322,7 +325,8 @@ def test_prefix_cache_gives_the_same_v_star(tiny4):
 def test_batched_templates_give_the_same_v_star(tiny4):
     """One padded pass over every template (the default) = one pass per template (with or without
     the prefix cache): same losses, same z."""
-    from kledger.editors.locate import LocateConfig, compute_z, context_templates
+    from kledger.editors.locate import LocateConfig, context_templates
+    from kledger.editors.vstar import compute_z
 
     model, tok, _ = tiny4
     base = FAST | {"v_steps": 5, "n_prefixes": 3, "prefix_tokens": 4}
@@ -341,7 +345,8 @@ def test_batched_templates_give_the_same_v_star(tiny4):
 def test_mpes_stops_earlier_and_reaches_the_target(tiny4):
     """MPES stops v* a fixed number of updates after the target became top-1 on every template:
     fewer steps than the NLL-driven loop, a smaller δ, and the target is still the argmax."""
-    from kledger.editors.locate import LocateConfig, compute_z, context_templates
+    from kledger.editors.locate import LocateConfig, context_templates
+    from kledger.editors.vstar import compute_z
 
     model, tok, _ = tiny4
     base = FAST | {"v_steps": 25, "v_stop_loss": 1e-3}
@@ -377,7 +382,8 @@ def test_mpes_stops_earlier_and_reaches_the_target(tiny4):
 
 
 def test_norm_anchor_keeps_the_unedited_norm(tiny4):
-    from kledger.editors.locate import LocateConfig, compute_z, context_templates
+    from kledger.editors.locate import LocateConfig, context_templates
+    from kledger.editors.vstar import compute_z
 
     model, tok, _ = tiny4
     templates = context_templates(model, tok, 2, 3, 0)
