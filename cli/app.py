@@ -69,3 +69,45 @@ class App:
 
 
 pass_app = click.make_pass_decorator(App)
+
+
+# --- the options every command takes, before or after its name --------------------------------
+#: (flags, App attribute, extra click.Option arguments): the ONE definition of the shared options.
+#: ``kledger --json log`` and ``kledger log --json`` are the same; ``common_options`` puts them on
+#: the ``kledger`` group and on every command registered on it (cli/main.py's ``_Group``).
+COMMON_OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
+    (("--ledger",), "ledger_dir", {"metavar": "DIR", "help": "Ledger folder (.kledger or its parent)."
+                                   " Default: $KLEDGER_DIR, else found by walking up from here."}),
+    (("--json",), "as_json", {"is_flag": True, "help": "Machine-readable JSON output (shape: docs/schemas/)."}),
+    (("-q", "--quiet"), "quiet", {"is_flag": True, "help": "Only the result: no progress bars, notes or extra lines."}),
+    (("--device",), "device", {"metavar": "DEVICE", "help": "auto (default), cpu or cuda[:N]."}),
+)
+
+
+def _set_on_app(attr: str):
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        from click.core import ParameterSource
+
+        if ctx.get_parameter_source(param.name) not in (None, ParameterSource.DEFAULT) and value not in (None, False):
+            setattr(ctx.ensure_object(App), attr, value)  # the group's App; made here if the group's first
+        return value
+
+    return callback
+
+
+def common_options(cmd: click.Command, top_level: bool = False) -> click.Command:
+    """Give ``cmd`` the shared options (once; an option a command already defines is left to it).
+    They set fields of the invocation's ``App`` and are not passed to the command's function."""
+    if getattr(cmd, "_kledger_common", False):
+        return cmd
+    taken = {o for p in cmd.params for o in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))}
+    for flags, attr, extra in COMMON_OPTIONS:
+        if taken.intersection(flags):
+            continue
+        kw = dict(extra)
+        if top_level and attr == "ledger_dir":
+            kw["envvar"] = "KLEDGER_DIR"
+        cmd.params.append(click.Option([*flags, f"_common_{attr}"], expose_value=False, is_eager=True,
+                                       callback=_set_on_app(attr), **kw))
+    cmd._kledger_common = True
+    return cmd

@@ -40,7 +40,6 @@ def _table(metrics: Mapping[str, Any], prev: Mapping[str, Any] | None, th: Mappi
 
 @cli.command()
 @click.option("--at", "ref", default="HEAD", show_default=True, help="Version to audit (HEAD, HEAD~N, id, branch).")
-@click.option("--json", "json_flag", is_flag=True, help="Print the figures as JSON (same as the global --json).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
               help="Write an HTML report with PNG plots into this folder.")
 @click.option("--blame", is_flag=True, help="If a threshold is crossed, bisect the event sequence for the edits "
@@ -57,7 +56,7 @@ def _table(metrics: Mapping[str, Any], prev: Mapping[str, Any] | None, th: Mappi
 @click.option("--no-record", is_flag=True, help="Measure and report without appending the audit event.")
 @click.option("--model", "model_spec", help="A copy of the base model (same fingerprint) to load instead.")
 @pass_app
-def audit(app: App, ref, json_flag, report_dir, blame, max_culprits, probes_file, one_off, persist,
+def audit(app: App, ref, report_dir, blame, max_culprits, probes_file, one_off, persist,
           show_thresholds, no_record, model_spec) -> None:
     """Audit a version for drift: perplexity, KL vs the base, fact and edit retention, weights.
 
@@ -71,8 +70,6 @@ def audit(app: App, ref, json_flag, report_dir, blame, max_culprits, probes_file
       sv_growth (off)            max sigma1(W)/sigma1(W0) over edited tensors
     Exit 0 healthy, 3 threshold crossed.
     """
-    if json_flag:
-        app.as_json = True
     ledger = app.ledger()
     if persist:
         ev = T.record_thresholds(ledger, dict(T.parse_threshold(p) for p in persist))

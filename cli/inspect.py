@@ -84,7 +84,15 @@ def status(app: App) -> None:
         data = {"ledger": str(ledger.root), "branch": ledger.current_branch(), "head": head.id,
                 "events": ledger.count(), "active_edits": ledger.active_count(head),
                 "base_model": ledger.base_model()}
-    app.emit(data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+    base = data["base_model"] or {}
+    lines = [f"ledger:       {data['ledger']}",
+             f"branch:       {data['branch']}",
+             f"head:         {head.describe()}",
+             f"events:       {data['events']}",
+             f"active edits: {data['active_edits']}",
+             f"base model:   {base.get('spec', '?')}" + (f" ({base['path']})" if base.get("path") not in (None, base.get("spec")) else ""),
+             f"fingerprint:  {str(base.get('fingerprint', '?'))[:16]}"]
+    app.emit(data, "\n".join(lines))
 
 
 @cli.command()

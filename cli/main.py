@@ -14,7 +14,7 @@ import traceback
 
 import click
 
-from kledger.cli.app import App
+from kledger.cli.app import App, common_options
 from kledger.ledger.errors import KledgerError
 
 
@@ -23,6 +23,10 @@ class _Group(click.Group):
         if cmd_name not in self.commands and cmd_name in COMMANDS:
             importlib.import_module(f"kledger.cli.{COMMANDS[cmd_name]}")  # registers its commands on ``cli``
         return super().get_command(ctx, cmd_name)
+
+    def add_command(self, cmd, name=None):
+        common_options(cmd)  # --json/--quiet/--ledger/--device after the command's name too
+        super().add_command(cmd, name)
 
     def list_commands(self, ctx):
         return sorted(set(self.commands) | set(COMMANDS))
@@ -88,19 +92,19 @@ def _report_partial(ctx, interrupted: bool = False) -> bool:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--ledger", "ledger_dir", envvar="KLEDGER_DIR", metavar="DIR",
-              help="Ledger folder (.kledger or its parent). Default: found by walking up from here.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="kledger")
 @click.pass_context
-def cli(ctx, ledger_dir, as_json, quiet, device, verbose):
-    """kledger: auditable, reversible knowledge editing with an append-only ledger."""
+def cli(ctx, verbose):
+    """kledger: auditable, reversible knowledge editing with an append-only ledger.
+
+    --json, -q/--quiet, --ledger and --device go before or after the command's name."""
     if verbose:  # asked for: more of kledger's own log output (the process's handlers print it)
         logging.getLogger("kledger").setLevel(logging.WARNING - 10 * min(verbose, 2))
-    ctx.obj = App(ledger_dir=ledger_dir, as_json=as_json, quiet=quiet, device=device, verbose=verbose)
+    ctx.ensure_object(App).verbose = verbose  # the shared options (cli/app.py) fill in the rest
+
+
+common_options(cli, top_level=True)
 
 
 #: Which module of ``kledger.cli`` defines each command. A command's module is imported when the

@@ -80,7 +80,7 @@ def test_read_commands_import_no_torch(tmp_path):
     assert res["heavy"] == [], f"read commands pulled in {res['heavy']}"
     out = res["out"]
     assert "[reverted]" in out["log -n 20"] and "(HEAD)" in out["log -n 20"]
-    assert "active_edits: 1" in out["status"] and "events: 4" in out["status"]
+    assert "active edits: 1" in out["status"] and "events:       4" in out["status"]
     assert out["verify"].startswith("ok: 4 rows, 2 objects verified")
     shown = json.loads(out["--json show HEAD~2"])
     assert shown["active_at_head"] is False and shown["delta"]["w"]["nnz"] == 3
