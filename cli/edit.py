@@ -98,13 +98,15 @@ class _AddCommand(click.Command):
               help="Text/JSONL corpus for key statistics (locate-then-edit); default: text sampled from the base model.")
 @click.option("--model", "model_spec", help="Base model; creates the ledger here if none exists.")
 @click.option("-m", "--message", help="A note recorded with each event.")
+@click.option("--allow-duplicate", is_flag=True,
+              help="With --from-file: also edit facts identical to an active edit (default: skip them).")
 @click.option("--guard/--no-guard", default=None,
               help="Refuse an edit whose per-edit pulse crosses an audit threshold: exit 3, nothing appended"
                    " (needs a probe set: init --probes or a first audit). Default: off, except for several"
                    " facts with a method that guards sequences (kne) when the ledger has a probe set.")
 @pass_app
 def add(app: App, prompt, target, subject, target_true, method, from_file, batch_file, limit, batch_size,
-        blue, sets, config_file, stats_corpus, model_spec, message, guard) -> None:
+        blue, sets, config_file, stats_corpus, model_spec, message, allow_duplicate, guard) -> None:
     """Edit facts into the model: PROMPT continued by TARGET (or --from-file).
 
     Each fact becomes one `add` event with its delta; see `kledger log`.
@@ -126,9 +128,17 @@ def add(app: App, prompt, target, subject, target_true, method, from_file, batch
         if "blue" not in {f.name for f in dataclasses.fields(cls.config_cls)}:
             raise UsageError(f"--blue: expected a locate-then-edit method (memit, alphaedit), found {method!r}")
         overrides["blue"] = True
-    from kledger.workspace import Workspace, default_guard  # torch and the editors: only when a model is needed
+    from kledger.workspace import Workspace, active_duplicates, default_guard  # torch: only when needed
 
     ledger = _ledger_or_init(app, model_spec)
+    if from_file and not allow_duplicate:
+        dup = active_duplicates(ledger, requests)
+        if dup:
+            requests = [r for i, r in enumerate(requests) if i not in dup]
+            click.echo(f"kledger: skipped {len(dup)} fact(s) identical to active edits (--allow-duplicate edits"
+                       " them again)", err=True)
+        if not requests:
+            return app.emit([], "nothing to edit: every fact is already an active edit")
     if guard is None:
         guard = default_guard(ledger, cls, len(requests))
     ws = Workspace(ledger, device=app.device, progress=app.show_progress, model_spec=model_spec, guard=guard)

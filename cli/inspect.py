@@ -6,7 +6,7 @@ import click
 
 from kledger.cli.app import App, pass_app
 from kledger.cli.main import cli
-from kledger.ledger.errors import IntegrityError
+from kledger.ledger.errors import IntegrityError, UsageError
 
 
 @cli.command(name="log")
@@ -145,12 +145,16 @@ def verify(app: App, no_objects: bool, anchor: str | None, deep: bool) -> None:
 @pass_app
 def generate(app: App, prompt: str, ref: str, max_new_tokens: int, expect: str | None) -> None:
     """Greedy continuation of PROMPT by the model at a version."""
-    from kledger.workspace import Workspace
     from kledger.editors.scoring import greedy
     from kledger.ledger.errors import KledgerError
+    from kledger.ledger.records import FactRequest
+    from kledger.workspace import Workspace, check_lengths
 
     ws = Workspace(app.ledger(), device=app.device, progress=app.show_progress)
     model, tok, m = ws.model_at(ref)
+    if max_new_tokens < 1:
+        raise UsageError(f"expected -n ≥ 1, found {max_new_tokens}")
+    check_lengths(model, tok, [FactRequest(prompt, " " + "x" * max_new_tokens)] if prompt.strip() else [])
     text = greedy(model, tok, prompt, max_new_tokens)
     ok = expect is None or text.startswith(expect) or text.lstrip().startswith(expect.strip())
     app.emit({"prompt": prompt, "continuation": text, "version": m.version.id, "expect": expect, "ok": ok},

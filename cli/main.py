@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import json
 import os
 import sys
 import traceback
@@ -88,6 +89,9 @@ def _report_partial(ctx, interrupted: bool = False) -> bool:
     ids = ", ".join(e.id for e in recorded)
     what = "interrupted" if interrupted else "stopped"
     click.echo(f"kledger: {what} after recording {len(recorded)} event(s): {ids}", err=True)
+    if getattr(app, "as_json", False):  # scripts read what was recorded from stdout
+        click.echo(json.dumps({"stopped": what, "recorded": [{"id": e.id, "seq": e.seq, "type": e.type,
+                                                               "request": e.request} for e in recorded]}))
     return True
 
 

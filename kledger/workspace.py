@@ -98,6 +98,33 @@ def compute_edit(ledger: Ledger, model, tok, method: str, config: Mapping[str, A
     return editor.compute(model, tok, list(requests), ctx, **compute_kwargs)
 
 
+def active_duplicates(ledger: Ledger, requests: Sequence[FactRequest]) -> set[int]:
+    """Indices of ``requests`` whose (prompt, target) is already an active edit at HEAD (a batch
+    re-run after a stop part-way would otherwise record its first facts twice)."""
+    have = set()
+    for ev in ledger.active("HEAD"):
+        reqs = ev.request if isinstance(ev.request, list) else [ev.request]
+        for r in reqs:
+            if isinstance(r, Mapping):
+                have.add((r.get("prompt"), r.get("target_new")))
+    return {i for i, r in enumerate(requests) if (r.prompt, r.target_new) in have}
+
+
+def check_lengths(model, tok, requests: Sequence[FactRequest]) -> None:
+    """Refuse (usage error, before any work) a fact longer than the model's context."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not limit:
+        return
+    for r in requests:
+        if len(r.prompt) + len(r.target_new) < limit:  # a token is at least one character
+            continue
+        n = len(tok(r.prompt + r.target_new, add_special_tokens=False)["input_ids"])
+        if n > limit:
+            raise UsageError(f"expected a prompt and target within the model's context of {limit} tokens,"
+                             f" found {n} tokens (prompt starting {r.prompt[:40]!r})")
+
+
 def default_guard(ledger, cls, n_facts: int) -> bool:
     """``--guard`` when not given: on for a sequence (several facts) of a method that declares
     ``guard_sequences`` (KNE), if the ledger has a probe set to guard with; otherwise off."""
@@ -263,6 +290,7 @@ class Workspace:
                 raise UsageError("--guard: expected a probe set in the ledger (`kledger init --probes default`"
                                  " or `kledger audit --probes-only`), found none")
         model, tok = self.working()
+        check_lengths(model, tok, [r for b in batches for r in b])
         events: list[Event] = []
         for batch in batches:
             head = self.ledger.head()
@@ -394,4 +422,8 @@ class Workspace:
     def export(self, out_dir: str | Path, ref: str = "HEAD", overwrite: bool = False) -> Materialised:
         check_export_target(self.ledger, out_dir, overwrite)  # refused before the model is loaded
         model, tok, _ = self.load_base()
-        return export(self.ledger, model, tok, out_dir, ref, overwrite=overwrite)
+        from kledger.exporting import model_card
+
+        version = self.ledger.resolve(ref)
+        card = model_card(self.ledger, version, library_name="transformers")
+        return export(self.ledger, model, tok, out_dir, version, overwrite=overwrite, extra_files={"README.md": card})

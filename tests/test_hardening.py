@@ -380,3 +380,38 @@ def test_a_batch_stopped_part_way_reports_what_it_recorded(led, tmp_path, monkey
     ev = Ledger.open(led).head()
     assert r.exit_code == code and f"after recording 1 event(s): {ev.id}" in r.output, r.output
     assert "nothing was recorded" not in r.output
+
+
+def test_a_prompt_longer_than_the_context_is_a_usage_error(led):
+    """Issue 13.11: a prompt past the model's context is refused (exit 2) before any work."""
+    from conftest import run_cli
+
+    long_prompt = "The Eiffel Tower " * 200  # the tiny model's context is 64 positions
+    r = run_cli(["add", long_prompt.strip(), " Rome", "--subject", "Eiffel Tower"], led)
+    assert r.exit_code == 2 and "context of 64 tokens" in r.output
+    r = run_cli(["generate", long_prompt.strip()], led)
+    assert r.exit_code == 2 and "context of 64 tokens" in r.output
+    r = run_cli(["--json", "log"], led)
+    assert r.output.count('"type": "add"') == 0
+
+
+def test_from_file_skips_facts_that_are_already_active_edits(led, tmp_path):
+    """Issue 13.6: re-running a batch that stopped part-way does not record its facts twice."""
+    import json
+
+    from conftest import run_cli
+    from kledger.ledger.store import Ledger
+
+    facts = tmp_path / "facts.json"
+    rec = [{"prompt": "The Eiffel Tower is located in", "target_new": "Rome", "subject": "The Eiffel Tower"},
+           {"prompt": "Alice plays", "target_new": "piano", "subject": "Alice"}]
+    facts.write_text(json.dumps(rec[:1]))
+    fast = ["--method", "kne", "--set", "max_steps=2"]
+    assert run_cli(["add", "--from-file", str(facts), *fast], led).exit_code == 0
+    n = Ledger.open(led).count()
+    facts.write_text(json.dumps(rec))
+    r = run_cli(["--json", "add", "--from-file", str(facts), *fast], led)
+    assert r.exit_code == 0, r.output
+    assert Ledger.open(led).count() == n + 1  # only Alice
+    r = run_cli(["add", "--from-file", str(facts), "--allow-duplicate", *fast], led)
+    assert r.exit_code == 0 and Ledger.open(led).count() == n + 3
