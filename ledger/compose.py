@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -389,18 +389,21 @@ def find_snapshot(ledger: Ledger, ids: list[str], chunk: int = DEFAULT_CHUNK,
 
 
 def export(ledger: Ledger, model: nn.Module, tok, out_dir: str | os.PathLike, ref: str | Event = "HEAD",
-           overwrite: bool = False) -> Materialised:
+           overwrite: bool = False, extra_files: Mapping[str, str] | None = None) -> Materialised:
     """Write a ``from_pretrained``-loadable folder of the model at ``ref`` plus ``kledger.json``.
 
     ``model`` must be the base model (it is modified in place). The folder is written to a
     temporary sibling and renamed, so a crash or an error never leaves a half-written export
     under OUT, and a replaced export stays intact until the new one is complete. What OUT may be
     is checked first (``check_export_target``): ``overwrite`` only ever replaces an earlier export.
+    ``extra_files``: {file name: text} written into the folder too (the model card).
     """
     out = check_export_target(ledger, out_dir, overwrite)
     m = materialise(ledger, model, ref)
     with replacing_dir(out) as tmp:
         _write_export(model, tok, tmp, m.provenance(ledger))
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
     return m
 
 
