@@ -121,6 +121,7 @@ COMMANDS = {
     "export": "export",
     "branch": "branch", "switch": "branch", "branches": "branch", "merge": "branch",
     "audit": "audit",
+    "tag": "versions", "tags": "versions", "diff": "versions",
     "forget": "unlearn", "learn": "unlearn",  # UNLEARN / LEARN
 }
 

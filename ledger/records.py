@@ -16,7 +16,7 @@ from kledger.ledger.errors import UsageError
 #: Event types that change the model (they may carry a delta or cancel one).
 MODEL_EVENT_TYPES = ("init", "add", "revert", "merge", "forget", "learn", "branch")
 #: Event types that only record observations.
-NOTE_EVENT_TYPES = ("audit",)
+NOTE_EVENT_TYPES = ("audit", "tag")  # a tag names a version (kledger.ledger.tags)
 EVENT_TYPES = MODEL_EVENT_TYPES + NOTE_EVENT_TYPES
 #: Event types whose delta is part of the model while they are active.
 DELTA_EVENT_TYPES = ("add", "merge", "forget", "learn")

@@ -247,7 +247,7 @@ class Ledger:
         return self.branch_head(self.current_branch())
 
     def resolve(self, ref: str | None = "HEAD") -> Event:
-        """``HEAD``, ``HEAD~N``, a branch name (``NAME~N``), or an event id (prefix). A hex ref
+        """``HEAD``, ``HEAD~N``, a branch name (``NAME~N``), a tag, or an event id (prefix). A hex ref
         that names an event is that event, even where an older ledger has a branch of that name."""
         if ref is None:
             ref = "HEAD"
@@ -271,6 +271,10 @@ class Ledger:
             if ev is None and _BRANCH_RE.match(base):
                 with self._connect() as con:
                     branch_names = con.execute("SELECT 1 FROM events WHERE branch = ? LIMIT 1", [base]).fetchone()
+            if ev is None and not branch_names and _BRANCH_RE.match(base):
+                from kledger.ledger.tags import lookup
+
+                ev = lookup(self, base)  # a tag
             if ev is None:
                 ev = self.branch_head(base) if branch_names else self.get(base)
         for i in range(steps):
@@ -287,6 +291,10 @@ class Ledger:
         def check(_ledger: "Ledger", head: Event | None) -> None:
             if head is not None:
                 raise StateError(f"expected a new branch name, found branch {name!r} already exists (head {head.id})")
+            from kledger.ledger.tags import tag_events
+
+            if name in tag_events(_ledger):
+                raise StateError(f"expected a branch name that is not a tag, found tag {name!r}")
 
         return self.append("branch", branch=name, parent=at.id, message=f"branch {name} at {at.id}", check=check)
 
