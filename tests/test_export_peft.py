@@ -162,3 +162,21 @@ def test_model_cards(tmp_path, tiny_gpt2_dir):
         assert events[1].id not in card and "Darrieux" not in card  # reverted: not active
         assert "memit" in card and head_hash in card
         assert "No audit recorded" in card
+
+
+def test_modules_of_different_ranks(tmp_path, tiny_llama_dir):
+    """rank_pattern/alpha_pattern: every module gets its own rank and scale 1."""
+    from kledger.ledger.deltas import Delta, LowRankDelta
+
+    ledger = _ledger(tmp_path, tiny_llama_dir)
+    g = torch.Generator().manual_seed(2)
+    for layer, rank in ((0, 2), (1, 5)):
+        d = LowRankDelta((32, 64), torch.randn(32, rank, generator=g) * 0.05, torch.randn(64, rank, generator=g) * 0.05)
+        append_edit(ledger, Delta({f"model.layers.{layer}.mlp.down_proj.weight": d}), f"The sky is {layer}")
+    q = LowRankDelta((32, 32), torch.randn(32, 3, generator=g) * 0.05, torch.randn(32, 3, generator=g) * 0.05)
+    append_edit(ledger, Delta({"model.layers.1.self_attn.q_proj.weight": q}), "The grass is")
+    p, full, served, plain = _compare(ledger, tiny_llama_dir, tmp_path, ["The sky is blue", "Alice plays piano"])
+    assert {m: v["rank"] for m, v in p.modules.items()} == {
+        "model.layers.0.mlp.down_proj": 2, "model.layers.1.mlp.down_proj": 5, "model.layers.1.self_attn.q_proj": 3}
+    assert (full - plain).abs().max() > 1e-3
+    torch.testing.assert_close(served, full, rtol=1e-5, atol=1e-5)
