@@ -96,7 +96,7 @@ def main() -> None:
     hits = sum(y.startswith(t) or y.lstrip().startswith(t.strip()) for y, (_, t, _) in zip(answers_adapter, facts))
     for (p, t, _), x, y in zip(facts, answers_full, answers_adapter):
         print(f"{'=' if x == y else '≠'} {p!r}: full {x!r} | adapter {y!r} (target {t!r})")
-    ad, fu = folder_bytes(work / "adapter" / "adapter_model.safetensors"), folder_bytes(work / "full")
+    ad, fu = (work / "adapter" / "adapter_model.safetensors").stat().st_size, folder_bytes(work / "full")
     print(f"same greedy answers: {same}/{len(facts)}; adapter answers the new target first on {hits}/{len(facts)}")
     print(f"sizes: adapter_model.safetensors {ad / 1e6:.2f} MB, full export {fu / 1e6:.1f} MB ({fu / ad:.0f}x)")
     print("== peft adapter ok" if same == len(facts) else "== peft adapter MISMATCH")
