@@ -252,3 +252,14 @@ def rewrite_chain(ledger, seq: int, column: str, value) -> None:
             prev = h
     finally:
         con.close()
+
+
+def sql(ledger, query: str, args=()) -> None:
+    """Run one SQL statement on the ledger's database directly, as an attacker with file access could."""
+    import duckdb
+
+    con = duckdb.connect(str(ledger.db_path))
+    try:
+        con.execute(query, list(args))
+    finally:
+        con.close()

@@ -12,11 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
 import pytest
 import torch
 
-from conftest import FAKE_MODEL, append_edit, rewrite_chain, tensor_delta
+from conftest import FAKE_MODEL, append_edit, rewrite_chain, tensor_delta, sql
 from kledger.ledger.deltas import Delta
 from kledger.ledger.errors import IntegrityError, KledgerError, LedgerBusyError
 from kledger.ledger.store import Ledger, row_hash
@@ -51,12 +50,6 @@ def ledger(tmp_path) -> Ledger:
     return L
 
 
-def sql(ledger: Ledger, query: str, args=()) -> None:
-    con = duckdb.connect(str(ledger.db_path))
-    try:
-        con.execute(query, list(args))
-    finally:
-        con.close()
 
 
 def assert_bad(ledger: Ledger, seq: int, *words: str):

@@ -8,12 +8,11 @@ import os
 import shutil
 from pathlib import Path
 
-import duckdb
 import pytest
 import torch
 
 from conftest import (FAKE_MODEL, Params, append_edit, invoke, new_ledger, run_cli as run, run_on, sparse_delta,
-                      weights)
+                      sql, weights)
 from kledger.ledger.deltas import Delta, LowRankDelta, SparseDelta
 from kledger.ledger.errors import IntegrityError, KledgerError, NumericalError, UsageError
 from kledger.ledger.store import Ledger
@@ -76,17 +75,11 @@ def test_export_force_replaces_only_a_previous_export_and_a_failed_export_keeps_
 
 
 # --- 3. every row a command uses is hash-checked -----------------------------------------------
-def _sql(ledger: Ledger, query: str, args=()) -> None:
-    con = duckdb.connect(str(ledger.db_path))
-    try:
-        con.execute(query, list(args))
-    finally:
-        con.close()
 
 
 def _swap_deltas(L: Ledger, a, b) -> None:
-    _sql(L, "UPDATE events SET delta_sha256 = ? WHERE seq = ?", [b.delta_sha256, a.seq])
-    _sql(L, "UPDATE events SET delta_sha256 = ? WHERE seq = ?", [a.delta_sha256, b.seq])
+    sql(L, "UPDATE events SET delta_sha256 = ? WHERE seq = ?", [b.delta_sha256, a.seq])
+    sql(L, "UPDATE events SET delta_sha256 = ? WHERE seq = ?", [a.delta_sha256, b.seq])
 
 
 def test_swapped_delta_hashes_are_refused_by_materialise_and_revert(fake_ledger):
@@ -111,7 +104,7 @@ def test_changed_revert_target_is_refused(fake_ledger):
     a = append_edit(L, sparse_delta("a", [0], [1.0]), "fact a")
     b = append_edit(L, sparse_delta("a", [5], [7.0]), "fact b")
     rv = L.revert(a.id)
-    _sql(L, "UPDATE events SET target = ? WHERE seq = ?", [b.id, rv.seq])  # now it seems to revert b
+    sql(L, "UPDATE events SET target = ? WHERE seq = ?", [b.id, rv.seq])  # now it seems to revert b
     with pytest.raises(IntegrityError, match=f"row {rv.seq}"):
         weights(L)
 
@@ -214,7 +207,7 @@ def test_verify_deep_recomputes_snapshots(tmp_path):
     data = save(tensors, metadata=__import__("safetensors").safe_open(str(path), "pt").metadata())
     path.write_bytes(data)
     rec = L.snapshot_record(path.name) | {"sha256": __import__("hashlib").sha256(data).hexdigest()}
-    _sql(L, "UPDATE snapshots SET record = ?", [json.dumps(rec)])
+    sql(L, "UPDATE snapshots SET record = ?", [json.dumps(rec)])
     assert L.verify().ok
     rep = L.verify(deep_model=Params())
     assert not rep.ok and "differs" in rep.problem
@@ -270,7 +263,7 @@ def test_a_damaged_database_exits_4_not_75(fake_ledger, damage):
 def test_debug_keeps_the_exit_code(fake_ledger, monkeypatch):
     L = fake_ledger
     a = append_edit(L, sparse_delta("a", [0], [1.0]), "fact a")
-    _sql(L, "UPDATE events SET message = 'x' WHERE seq = ?", [a.seq])
+    sql(L, "UPDATE events SET message = 'x' WHERE seq = ?", [a.seq])
     monkeypatch.setenv("KLEDGER_DEBUG", "1")
     r = invoke(["--ledger", str(L.root), "revert", a.id])
     assert r.exit_code == 4 and "Traceback" in r.output and "IntegrityError" in r.output, r.output

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import shutil
 
-import duckdb
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import append_edit, new_ledger, sparse_delta, weights
+from conftest import append_edit, new_ledger, sparse_delta, weights, sql
 from kledger.ledger.errors import IntegrityError, KledgerError, NumericalError
 
 ACT = st.tuples(st.sampled_from(["add", "add", "add", "revert", "branch_add"]), st.integers(0, 10 ** 6))
@@ -35,12 +33,6 @@ def _build(L, acts) -> None:
             append_edit(L, sparse_delta("a", [r % 48, (r // 48) % 48], [1.0 + r % 5, -0.5]), f"fact {r}")
 
 
-def _sql(L, query: str, args) -> None:
-    con = duckdb.connect(str(L.db_path))
-    try:
-        con.execute(query, list(args))
-    finally:
-        con.close()
 
 
 def _tamper(L, how: str, r: int) -> bool:
@@ -49,15 +41,15 @@ def _tamper(L, how: str, r: int) -> bool:
     deltas = [e for e in rows if e.delta_sha256]
     if how == "row_request" and rows:
         e = rows[r % len(rows)]
-        _sql(L, "UPDATE events SET request = ? WHERE seq = ?", ['{"prompt": "forged", "target_new": " x"}', e.seq])
+        sql(L, "UPDATE events SET request = ? WHERE seq = ?", ['{"prompt": "forged", "target_new": " x"}', e.seq])
     elif how == "row_delta_sha" and len({e.delta_sha256 for e in deltas}) > 1:
         a = deltas[r % len(deltas)]
         b = next(e for e in deltas if e.delta_sha256 != a.delta_sha256)
-        _sql(L, "UPDATE events SET delta_sha256 = ? WHERE seq = ?", [b.delta_sha256, a.seq])
+        sql(L, "UPDATE events SET delta_sha256 = ? WHERE seq = ?", [b.delta_sha256, a.seq])
     elif how == "row_target" and any(e.type == "revert" for e in rows) and len(deltas) > 1:
         rv = next(e for e in rows if e.type == "revert")
         other = next(e for e in deltas if e.id != rv.target)
-        _sql(L, "UPDATE events SET target = ? WHERE seq = ?", [other.id, rv.seq])
+        sql(L, "UPDATE events SET target = ? WHERE seq = ?", [other.id, rv.seq])
     elif how in ("object_bytes", "object_swap") and deltas:
         e = deltas[r % len(deltas)]
         path = L.objects.path(e.delta_sha256)
