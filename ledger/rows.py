@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import duckdb
 
 from kledger.ledger.canonical import canonical_json, sha256_hex
 from kledger.ledger.errors import IntegrityError, NotFoundError, UsageError
-from kledger.ledger.records import MODEL_EVENT_TYPES, Event
+from kledger.ledger.records import EVENT_TYPES, MODEL_EVENT_TYPES, Event
 
 GENESIS = "0" * 64
 COLUMNS = (
@@ -219,3 +219,35 @@ def json_columns(items: Iterable[tuple[str, Any]]) -> None:
             canonical_json(value)
         except (TypeError, ValueError) as exc:
             raise UsageError(f"{name} must be JSON without NaN/Inf, found: {exc}") from None
+
+
+#: what an appended event may carry (``append``'s keyword arguments, ``append_many``'s item keys)
+ITEM_FIELDS = frozenset({"type", "request", "method", "config", "ensemble", "metrics", "target", "message",
+                         "delta", "parent", "parents"})
+
+
+def check_item(it: Mapping[str, Any], where: str, allow_branch: bool) -> None:
+    """The one validator of what an append may write (raises UsageError)."""
+    extra = set(it) - ITEM_FIELDS
+    if extra:
+        raise UsageError(f"{where}unsupported fields {sorted(extra)}")
+    if it.get("type") not in EVENT_TYPES or (it.get("type") == "branch" and not allow_branch):
+        other = "" if allow_branch else " other than 'branch'"
+        raise UsageError(f"{where}expected an event type in {EVENT_TYPES}{other}, found {it.get('type')!r}")
+    json_columns((f"{where}{name}", it.get(name)) for name in ("request", "config", "ensemble", "metrics"))
+
+
+def build_body(seq: int, it: Mapping[str, Any], branch: str, now: str, prev: str, sha: str | None,
+          nbytes: int | None, head_id: str | None) -> dict[str, Any]:
+    """The one row builder: a row's hashed body. A model or audit event without an explicit
+    ``parent`` follows the branch head ``head_id``."""
+    parent = it.get("parent")
+    if parent is None and head_id is not None and it["type"] in MODEL_EVENT_TYPES + ("audit",):
+        parent = head_id
+    return {
+        "seq": seq, "type": it["type"], "parent": parent, "parents": list(it.get("parents") or ()),
+        "branch": branch, "created_at": now, "request": it.get("request"), "method": it.get("method"),
+        "config": it.get("config"), "ensemble": it.get("ensemble"), "metrics": it.get("metrics"),
+        "target": it.get("target"), "message": it.get("message"), "delta_sha256": sha, "delta_bytes": nbytes,
+        "prev_hash": prev,
+    }

@@ -35,7 +35,7 @@ from kledger.ledger.errors import HeadMovedError, IntegrityError, KledgerError, 
 from kledger.ledger.connection import Connections
 from kledger.ledger.graph import Graph
 from kledger.ledger.objects import ObjectStore
-from kledger.ledger.records import DELTA_EVENT_TYPES, EVENT_TYPES, MODEL_EVENT_TYPES, Event
+from kledger.ledger.records import DELTA_EVENT_TYPES, MODEL_EVENT_TYPES, Event
 from kledger.ledger.rows import GENESIS, DeltaRef, row_hash  # noqa: F401  (part of this module's API)
 
 if TYPE_CHECKING:  # torch is imported only when a delta is decoded (load_delta)
@@ -50,9 +50,6 @@ _BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
 _HEXLIKE = re.compile(r"[0-9a-fA-F]{4,}")
 #: the longest HEAD file content shown in a message
 _SHOWN = 60
-#: what an appended event may carry (``append``'s keyword arguments, ``append_many``'s item keys)
-ITEM_FIELDS = frozenset({"type", "request", "method", "config", "ensemble", "metrics", "target", "message",
-                         "delta", "parent", "parents"})
 
 
 def check_branch_name(name: Any) -> str:
@@ -117,7 +114,7 @@ class Ledger:
         try:
             con.execute(rows.SCHEMA)
             con.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, _now()])
-            body = _body(0, {"type": "init", "config": {"model": model, "schema_version": SCHEMA_VERSION},
+            body = rows.build_body(0, {"type": "init", "config": {"model": model, "schema_version": SCHEMA_VERSION},
                              "message": message or "init"}, DEFAULT_BRANCH, _now(), GENESIS, None, None, None)
             rows.insert(con, [rows.values(body, row_hash(body))])
             con.execute("CHECKPOINT")
@@ -400,7 +397,7 @@ class Ledger:
         if not _BRANCH_RE.match(branch) or branch == "HEAD":
             raise UsageError(f"expected a branch name of letters, digits and ._/-, found {branch!r}")
         for i, it in enumerate(items):
-            _check_item(it, f"append_many item {i}: " if many else "", allow_branch=not many)
+            rows.check_item(it, f"append_many item {i}: " if many else "", allow_branch=not many)
         stored = self._store_objects(items, workers)
         out: list[Event] = []
         with self.write_lock(lock_timeout):
@@ -423,7 +420,7 @@ class Ledger:
                 values, now = [], _now()
                 for it, (sha, nbytes) in zip(items, stored):
                     seq += 1
-                    body = _body(seq, it, branch, now, prev, sha, nbytes, head_id)
+                    body = rows.build_body(seq, it, branch, now, prev, sha, nbytes, head_id)
                     prev = row_hash(body)
                     values.append(rows.values(body, prev))
                     out.append(rows.event_from_body(body, prev))
@@ -550,30 +547,3 @@ def _write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
-
-
-def _check_item(it: Mapping[str, Any], where: str, allow_branch: bool) -> None:
-    """The one validator of what an append may write (raises UsageError)."""
-    extra = set(it) - ITEM_FIELDS
-    if extra:
-        raise UsageError(f"{where}unsupported fields {sorted(extra)}")
-    if it.get("type") not in EVENT_TYPES or (it.get("type") == "branch" and not allow_branch):
-        other = "" if allow_branch else " other than 'branch'"
-        raise UsageError(f"{where}expected an event type in {EVENT_TYPES}{other}, found {it.get('type')!r}")
-    rows.json_columns((f"{where}{name}", it.get(name)) for name in ("request", "config", "ensemble", "metrics"))
-
-
-def _body(seq: int, it: Mapping[str, Any], branch: str, now: str, prev: str, sha: str | None,
-          nbytes: int | None, head_id: str | None) -> dict[str, Any]:
-    """The one row builder: a row's hashed body. A model or audit event without an explicit
-    ``parent`` follows the branch head ``head_id``."""
-    parent = it.get("parent")
-    if parent is None and head_id is not None and it["type"] in MODEL_EVENT_TYPES + ("audit",):
-        parent = head_id
-    return {
-        "seq": seq, "type": it["type"], "parent": parent, "parents": list(it.get("parents") or ()),
-        "branch": branch, "created_at": now, "request": it.get("request"), "method": it.get("method"),
-        "config": it.get("config"), "ensemble": it.get("ensemble"), "metrics": it.get("metrics"),
-        "target": it.get("target"), "message": it.get("message"), "delta_sha256": sha, "delta_bytes": nbytes,
-        "prev_hash": prev,
-    }
