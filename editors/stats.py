@@ -152,7 +152,7 @@ def sample_continuations(model: nn.Module, start: torch.Tensor, n_new: int, gene
         vals, idx = logits.topk(k, dim=-1)
         probs = torch.softmax(vals, dim=-1)
         pick = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
-        cur = idx.gather(1, pick)
+        cur = idx.gather(1, pick).to(start.device)  # logits may sit on the last device of a split model
         seqs.append(cur)
     return torch.cat(seqs, dim=1)
 
@@ -220,7 +220,9 @@ def key_covariances(
         "layers_computed": missing,
         "time_s": round(time.perf_counter() - t0, 3),
     }
-    return {l: result[l].double() for l in layers}, desc
+    # each C0 on its layer's device (GPU or a device map's part): solves then run where the weights are
+    devs = {l: model.get_parameter(sites.mlp_out_param(l)).device for l in layers}
+    return {l: result[l].to(devs[l]).double() for l in layers}, desc
 
 
 def _load(path: Path) -> tuple[torch.Tensor, int] | None:
@@ -235,7 +237,7 @@ def _load(path: Path) -> tuple[torch.Tensor, int] | None:
 
 
 def _store(path: Path, c0: torch.Tensor, count: int, key: str) -> None:
-    data = save({"c0": c0.contiguous(), "count": torch.tensor([count], dtype=torch.int64)},
+    data = save({"c0": c0.detach().cpu().contiguous(), "count": torch.tensor([count], dtype=torch.int64)},
                 metadata={"format": FORMAT_VERSION, "key": key})
     _atomic_write(path, data)
 
@@ -305,7 +307,7 @@ def _accumulate(model, tok, sites: Sites, layers: list[int], ctx: EditContext, c
 
     from tqdm.auto import tqdm
 
-    dev = next(model.parameters()).device
+    dev = model.get_input_embeddings().weight.device  # inputs go where the embedding is (device maps)
     state = _Pass()
     pad_value = pad_id(tok)
     with contextlib.ExitStack() as stack:

@@ -136,14 +136,16 @@ def _state_stats(states: Sequence[Mapping[str, torch.Tensor]], layer: int, dim: 
     return total
 
 
-def _history_keys(states: Sequence[Mapping[str, torch.Tensor]], layer: int, dim: int) -> torch.Tensor | None:
+def _history_keys(states: Sequence[Mapping[str, torch.Tensor]], layer: int, dim: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """``Σ K_e K_eᵀ`` over earlier events' keys (float64, on ``device``: the layer's)."""
     mats = [st[f"keys.{layer}"] for st in states if f"keys.{layer}" in st]
     for K in mats:
         if K.ndim != 2 or K.shape[0] != dim:
             raise UsageError(f"history state: expected keys.{layer} of shape ({dim}, n), found {tuple(K.shape)}")
     if not mats:
         return None
-    K = torch.cat([m.double() for m in mats], dim=1)
+    K = torch.cat([m.to(device, torch.float64) for m in mats], dim=1)
     return K @ K.T
 
 
@@ -161,7 +163,7 @@ class Turn:
 def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], requests: Sequence[FactRequest],
              with_grad: bool = True, positions: str = "target") -> Turn:
     """Keys and output gradients at the positions that predict target tokens (one padded batch)."""
-    dev = next(model.parameters()).device
+    dev = model.get_input_embeddings().weight.device  # inputs go where the embedding is (device maps)
     enc, spans = encode_pairs(tok, [r.prompt for r in requests], [r.target_new for r in requests], dev)
     rows = []
     for i, (r, (s, e)) in enumerate(zip(requests, spans)):
@@ -192,7 +194,8 @@ def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], request
               for l in layers}
         for l in layers:
             stack.enter_context(edit_output(model, sites.mlp_out.format(l), grab(l)))
-        logits = model(**enc, use_cache=False).logits[ri, rp].float()
+        out = model(**enc, use_cache=False).logits
+        logits = out[ri.to(out.device), rp.to(out.device)].float().to(dev)  # split models: logits on the last device
         logp = torch.log_softmax(logits, dim=-1)
         tok_nll = -logp.gather(1, tgt[:, None])[:, 0]
         hit = logits.argmax(-1) == tgt
@@ -200,12 +203,17 @@ def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], request
         counts = torch.zeros(n, device=dev).index_add_(0, ri, torch.ones_like(tok_nll))
         per_req = torch.zeros(n, device=dev).index_add_(0, ri, tok_nll) / counts
         top1 = [bool(hit[ri == i].all()) for i in range(n)]
-        keys = {l: tr[l].input[ki, kp].detach().double() for l in layers}
+        keys = {l: _rows_of(tr[l].input, ki, kp) for l in layers}  # each on its layer's device
         grads = {}
         if with_grad:
             gs = torch.autograd.grad(per_req.sum(), [outs[l] for l in layers])
-            grads = {l: g[ki, kp].detach().double() for l, g in zip(layers, gs)}
+            grads = {l: _rows_of(g, ki, kp) for l, g in zip(layers, gs)}
     return Turn(keys, grads, [i for i, _ in rows], top1, [float(x) for x in per_req.detach()])
+
+
+def _rows_of(x: torch.Tensor, bi: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rows ``x[bi, pos]`` (float64, detached) on ``x``'s own device."""
+    return x[bi.to(x.device), pos.to(x.device)].detach().double()
 
 
 def ridge_factors(K: torch.Tensor, V: torch.Tensor, lam: float, H: torch.Tensor | None, mu: float,
@@ -227,13 +235,14 @@ def ridge_factors(K: torch.Tensor, V: torch.Tensor, lam: float, H: torch.Tensor 
 
 def history_factor(H: torch.Tensor | None, lam: float, mu: float, C0: torch.Tensor | None = None,
                    lam_c: float = 0.0) -> torch.Tensor:
-    """Cholesky factor of ``A = μH + λ_c C0 + λI`` (float64), shared by every turn of a batch."""
-    dim = (H if H is not None else C0).shape[0]
-    A = lam * torch.eye(dim, dtype=torch.float64)
+    """Cholesky factor of ``A = μH + λ_c C0 + λI`` (float64, on the device of ``H``/``C0``), shared
+    by every turn of a batch."""
+    ref = H if H is not None else C0
+    A = lam * torch.eye(ref.shape[0], dtype=torch.float64, device=ref.device)
     if H is not None and mu:
-        A = A + mu * H.double().cpu()
+        A = A + mu * H.to(ref.device, torch.float64)
     if C0 is not None and lam_c:
-        A = A + lam_c * C0.double().cpu()
+        A = A + lam_c * C0.to(ref.device, torch.float64)
     return torch.linalg.cholesky(A)
 
 
@@ -274,7 +283,8 @@ class UltraEditEditor(Editor):
             w = model.get_parameter(params[l])
             dims[l] = (w.shape[0], w.shape[1]) if sites.mlp_out_transposed else (w.shape[1], w.shape[0])  # (in, out)
         stats = {l: _state_stats(states, l, dims[l][1]) for l in layers}
-        hist = {l: _history_keys(states, l, dims[l][0]) if cfg.history_weight > 0 else None for l in layers}
+        devs = {l: model.get_parameter(params[l]).device for l in layers}
+        hist = {l: _history_keys(states, l, dims[l][0], devs[l]) if cfg.history_weight > 0 else None for l in layers}
         c0: dict[int, torch.Tensor] = {}
         if cfg.preserve_weight > 0:
             c0, self._stats_desc = key_covariances(model, tok, layers, ctx, n_tokens=cfg.stats_tokens, seed=ctx.seed)
