@@ -23,6 +23,7 @@ class App:
     as_json: bool = False
     quiet: bool = False
     device: str = "auto"
+    device_map: str | None = None
     verbose: int = 0
     _ledger: Ledger | None = field(default=None, repr=False)
     #: events this command has recorded so far (reported if it stops part-way: see cli/main.py)
@@ -41,7 +42,7 @@ class App:
         """Load the ledger's base model (``--model``: a copy of it, refused if its fingerprint differs)."""
         from kledger.workspace import Workspace
 
-        ws = Workspace(self.ledger(), device=self.device, model_spec=model_spec)
+        ws = Workspace(self.ledger(), device=self.device, device_map=self.device_map, model_spec=model_spec)
         self.progress_note(f"loading base model {model_spec or self.ledger().base_model()['spec']}")
         return ws.load_base()
 
@@ -81,6 +82,9 @@ COMMON_OPTIONS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
     (("--json",), "as_json", {"is_flag": True, "help": "Machine-readable JSON output (shape: docs/schemas/)."}),
     (("-q", "--quiet"), "quiet", {"is_flag": True, "help": "Only the result: no progress bars, notes or extra lines."}),
     (("--device",), "device", {"metavar": "DEVICE", "help": "auto (default), cpu or cuda[:N]."}),
+    (("--device-map",), "device_map", {"metavar": "auto|balanced|FILE",
+                                       "help": "Split the model over devices: auto/balanced (decoder layers evenly over"
+                                               " the CUDA devices) or a JSON file of module name → device."}),
 )
 
 

@@ -53,15 +53,18 @@ def _parse_sets(pairs: tuple[str, ...], config_file: str | None) -> dict:
 @click.option("--probes", "probes", metavar="default|FILE",
               help="Also record the audit probe set now (the defaults, or facts/prompts/texts from FILE):"
                    " every later edit then gets a per-edit pulse (KL, retention) in its metrics.")
+@click.option("--dtype", "dtype", default="auto", show_default=True, metavar="auto|float32|bfloat16|float16",
+              help="Precision every command loads the base model in (auto: the checkpoint's own, from its"
+                   " config.json; float32 when it names none). Deltas are stored in float32 either way.")
 @pass_app
-def init(app: App, model_spec: str, directory: str, probes: str | None) -> None:
+def init(app: App, model_spec: str, directory: str, probes: str | None, dtype: str) -> None:
     """Create a ledger (.kledger/) for a base model; record its fingerprint."""
     from kledger.workspace import init_ledger  # torch and the editors: only when a model is needed
 
     if probes not in (None, "default") and not Path(probes).is_file():
         raise UsageError(f"--probes: expected 'default' or a probe file, found no file {probes!r}")
     Path(directory).mkdir(parents=True, exist_ok=True)
-    ledger = init_ledger(directory, model_spec)
+    ledger = init_ledger(directory, model_spec, dtype=dtype)
     base = ledger.base_model()
     out = {"ledger": str(ledger.root), "base_model": base, "head": ledger.head().id}
     if probes:
@@ -71,7 +74,7 @@ def init(app: App, model_spec: str, directory: str, probes: str | None) -> None:
         model, tok, _ = app.load_base()
         ps, pev, _ = probe_set(ledger, model, tok, None if probes == "default" else probes, app.progress_note)
         out["probes"] = {"event": pev.id, "sha256": ps.sha256, **ps.summary()}
-    app.emit(out, f"initialised {ledger.root} for {model_spec} (fingerprint {base['fingerprint'][:16]}…)")
+    app.emit(out, f"initialised {ledger.root} for {model_spec} ({base['dtype']}, fingerprint {base['fingerprint'][:16]}…)")
 
 
 class _AddCommand(click.Command):
@@ -141,7 +144,7 @@ def add(app: App, prompt, target, subject, target_true, method, from_file, batch
             return app.emit([], "nothing to edit: every fact is already an active edit")
     if guard is None:
         guard = default_guard(ledger, cls, len(requests))
-    ws = Workspace(ledger, device=app.device, progress=app.show_progress, model_spec=model_spec, guard=guard)
+    ws = Workspace(ledger, device=app.device, device_map=app.device_map, progress=app.show_progress, model_spec=model_spec, guard=guard)
     bar = app.progress(total=len(requests), desc=f"{method} edits")
     out = []
 

@@ -40,7 +40,7 @@ def export(app: App, out: str, ref: str, fmt: str, max_rank: int | None, lossy: 
         raise UsageError("--max-rank and --lossy apply to --format peft only")
     from kledger.workspace import Workspace  # torch: only when a model is needed
 
-    ws = Workspace(app.ledger(), device=app.device, progress=app.show_progress, model_spec=model_spec)
+    ws = Workspace(app.ledger(), device=app.device, device_map=app.device_map, progress=app.show_progress, model_spec=model_spec)
     m = ws.export(out, ref, overwrite=force)
     app.emit({"out": out, "format": "full", "version": m.version.id, "active_events": [e.id for e in m.active],
               "edited_tensors": list(m.tensors), "seconds": round(m.seconds, 3)},

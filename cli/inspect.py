@@ -109,7 +109,7 @@ def verify(app: App, no_objects: bool, anchor: str | None, deep: bool) -> None:
     if deep:
         from kledger.workspace import Workspace  # torch: only for --deep
 
-        model = Workspace(ledger, device=app.device).load_base()[0]
+        model = Workspace(ledger, device=app.device, device_map=app.device_map).load_base()[0]
     bar = app.progress(total=ledger.count(), desc="verify")
     try:
         rep = ledger.verify(check_objects=not no_objects, progress=bar.update, anchor=anchor, deep_model=model)
@@ -150,7 +150,7 @@ def generate(app: App, prompt: str, ref: str, max_new_tokens: int, expect: str |
     from kledger.ledger.records import FactRequest
     from kledger.workspace import Workspace, check_lengths
 
-    ws = Workspace(app.ledger(), device=app.device, progress=app.show_progress)
+    ws = Workspace(app.ledger(), device=app.device, device_map=app.device_map, progress=app.show_progress)
     model, tok, m = ws.model_at(ref)
     if max_new_tokens < 1:
         raise UsageError(f"expected -n ≥ 1, found {max_new_tokens}")

@@ -111,7 +111,7 @@ def _run(app: App, mode: str, prompt, target, subject, from_file, limit, retain_
                    f" fitting (steps {cfg.steps}, {cfg.fit})…", err=True)
     from kledger.workspace import Workspace
 
-    ws = Workspace(ledger, device=app.device, progress=app.show_progress, model_spec=model_spec, guard=guard)
+    ws = Workspace(ledger, device=app.device, device_map=app.device_map, progress=app.show_progress, model_spec=model_spec, guard=guard)
     app.progress_note(f"loading the working model at {ledger.head().id}")
     ev = getattr(ws, mode)(requests, retain=retain, overrides=overrides, message=message)
     summary = _event_summary(ev) | {"ensemble": ev.ensemble, "config": ev.config}

@@ -67,9 +67,10 @@ def null_space_projector(C0: torch.Tensor, threshold: float, relative: bool = Fa
 def alphaedit_solve(K: torch.Tensor, P: torch.Tensor, H_hist: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """``M = (P (K Kᵀ + H_hist) + α I)⁻¹ P K`` (in×n, float64), so that ``ΔW = R Mᵀ``."""
     K = K.double()
+    P = P.to(K.device, torch.float64)  # the statistics may lie on another device than the layer's keys
     C = K @ K.T
     if H_hist is not None:
-        C = C + H_hist.double()
+        C = C + H_hist.to(K.device, torch.float64)
     A = P @ C + alpha * torch.eye(P.shape[0], dtype=torch.float64, device=P.device)
     return torch.linalg.solve(A, P @ K)
 

@@ -15,7 +15,7 @@ import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -120,16 +120,26 @@ def config_to_json(config: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def preserved(model: nn.Module) -> Iterator[None]:
-    """Restore every parameter bit for bit on exit (editors call this around their work)."""
-    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+def preserved(model: nn.Module, names: Iterable[str] | None = None) -> Iterator[None]:
+    """Restore parameters bit for bit on exit (editors call this around their work).
+
+    ``names``: only these parameters are saved and restored (the ones the editor writes), so a
+    large or half-precision model is not copied whole; None saves every parameter. Every
+    parameter's ``requires_grad`` flag is restored and its ``.grad`` cleared either way."""
+    params = dict(model.named_parameters())
+    keep = list(params) if names is None else list(dict.fromkeys(names))
+    unknown = [n for n in keep if n not in params]
+    if unknown:
+        raise UsageError(f"preserved: expected parameter names of the model, found {unknown[:3]}")
+    saved = {n: params[n].detach().clone() for n in keep}
+    flags = {n: p.requires_grad for n, p in params.items()}
     try:
         yield
     finally:
         with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(saved[n])
+            for n, p in params.items():
+                if n in saved:
+                    p.copy_(saved[n])
                 p.requires_grad_(flags[n])
                 p.grad = None
 

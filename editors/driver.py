@@ -25,7 +25,7 @@ def memit_solve(K: torch.Tensor, C0: torch.Tensor, lam: float, rho: float = 0.0)
     """``V = (λ C0 + K Kᵀ + ρ I)⁻¹ K`` (float64), so that ``ΔW = R Vᵀ`` minimises
     ``‖ΔW K − R‖² + λ·tr(ΔW C0 ΔWᵀ) + ρ‖ΔW‖²_F`` (ρ: ENCORE's norm penalty)."""
     K = K.double()
-    A = lam * C0.double() + K @ K.T
+    A = lam * C0.to(K.device, torch.float64) + K @ K.T
     if rho:
         A = A + rho * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     return torch.linalg.solve(A, K)
@@ -79,7 +79,7 @@ def locate_edit(method: str, model: nn.Module, tok, requests: Sequence[FactReque
     params = {l: sites.mlp_out_param(l) for l in edit_layers}
     per_layer: dict[int, dict[str, Any]] = {}
     zinfos: dict[int, ZInfo] = {}
-    with preserved(model):
+    with preserved(model, params.values()):  # only the weights written below are saved
         t_stats = time.perf_counter()
         stats_desc = solver.setup(model, tok, edit_layers, ctx, cfg)
         stats_s = time.perf_counter() - t_stats
@@ -88,7 +88,7 @@ def locate_edit(method: str, model: nn.Module, tok, requests: Sequence[FactReque
             Z, zinfos[z_layer] = compute_z(model, tok, sites, z_layer, requests, templates, cfg)
             for j, l in enumerate(lays):
                 K, H = keys_and_outputs(model, tok, sites, requests, templates, [l], z_layer)
-                R = (Z - H) / (len(lays) - j)
+                R = (Z.to(H.device) - H) / (len(lays) - j)
                 V = solver.solve(l, K[l])
                 if not (torch.isfinite(V).all() and torch.isfinite(R).all()):
                     raise NumericalError(f"{method}: the solve at layer {l} produced NaN/Inf")
@@ -96,7 +96,8 @@ def locate_edit(method: str, model: nn.Module, tok, requests: Sequence[FactReque
                 w = model.get_parameter(params[l])
                 with torch.no_grad():
                     w.addmm_(u.to(w.device, w.dtype), v.to(w.device, w.dtype).T)
-                per_layer[l] = {"R": R, "V": V, "K": K[l], "z_layer": z_layer}
+                # kept on the CPU: a split model's layers (and so R, V, K) may lie on different devices
+                per_layer[l] = {"R": R.cpu(), "V": V.cpu(), "K": K[l].cpu(), "z_layer": z_layer}
         final_keys = (keys_and_outputs(model, tok, sites, requests, templates, list(edit_layers))[0]
                       if solver.wants_final_keys else {})
     batch_s = time.perf_counter() - t0

@@ -8,7 +8,12 @@ when the body raises (a ``StopForward`` that ends a pass early included).
 * ``KeyAccumulator``         sum ``XᵀX`` of a module's input over the unmasked positions;
 * ``edit_output``            replace a module's output by a function of it;
 * ``gradient_through``       let the loss gradient reach some weights only at masked positions;
-* ``LogitsAt``               give the output embedding only the hidden states at chosen positions.
+* ``LogitsAt``               give the output embedding only the hidden states at chosen positions;
+* ``follow_devices``         (a model split over devices) move each module's inputs to its own
+                             device, and the model's outputs back to the device its inputs came on.
+
+On a split model every recorded tensor (keys, outputs, gradients) is on the device of the module
+it belongs to; ``input_device`` is where token ids go (the input embedding's device).
 """
 
 from __future__ import annotations
@@ -27,6 +32,82 @@ FLUSH_ROWS = 4096
 
 def _first(x):
     return x[0] if isinstance(x, tuple) else x
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device token ids go to: the input embedding's (the first parameter's if none)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next(model.parameters()).device
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (or buffer); cpu for a module holding neither."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _to(x, device: torch.device):
+    """``x`` with every tensor in it (tuples, lists, dicts) moved to ``device``; other objects as they are."""
+    if isinstance(x, torch.Tensor):
+        return x if x.device == device else x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def follow_devices(model: nn.Module, modules: Sequence[str]) -> list:
+    """Permanent hooks for a model whose modules lie on several devices: each module in
+    ``modules`` (and every module holding its own parameters or buffers outside them) gets its
+    inputs moved to its own device before it runs; the model's output tensors (logits, loss,
+    hidden states; not the KV cache) go back to the device of its first tensor input, so callers
+    see logits where they put the ids. Returns the hook handles."""
+    mapped = set(modules)
+    hooked = []
+    for name, mod in model.named_modules():
+        parts = name.split(".") if name else []
+        if any(".".join(parts[:i]) in mapped for i in range(1, len(parts))):
+            continue  # inside a mapped module: on that module's device, its inputs already moved
+        own = any(True for _ in mod.parameters(recurse=False)) or any(True for _ in mod.buffers(recurse=False))
+        if name in mapped or (own and name):
+            hooked.append(mod)
+    handles = []
+    for mod in hooked:
+        dev = module_device(mod)
+
+        def pre(m, args, kwargs, dev=dev):
+            return _to(args, dev), _to(kwargs, dev)
+
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+    arrived: list[torch.device] = []
+
+    def top_pre(m, args, kwargs):
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+        arrived.append(first.device if first is not None else input_device(m))
+
+    def top_post(m, args, kwargs, output):
+        dev = arrived.pop() if arrived else input_device(m)
+        if output is None:  # the forward raised (a StopForward): nothing to move
+            return None
+        if isinstance(output, torch.Tensor):
+            return _to(output, dev)
+        for key in ("logits", "loss", "hidden_states", "attentions"):
+            value = getattr(output, key, None) if not isinstance(output, tuple) else None
+            if value is not None:
+                output[key] = _to(value, dev)
+        return output
+
+    handles.append(model.register_forward_pre_hook(top_pre, with_kwargs=True))
+    handles.append(model.register_forward_hook(top_post, with_kwargs=True, always_call=True))
+    return handles
 
 
 class _Hook(contextlib.AbstractContextManager):
@@ -120,7 +201,7 @@ class KeyAccumulator(_Hook):
         x = inputs[0].detach()
         x = x.reshape(-1, x.shape[-1])
         if self.owner.mask is not None:
-            x = x[self.owner.mask]
+            x = x[self.owner.mask.to(x.device)]
         self._buf.append(x.float())
         self._rows += x.shape[0]
         if self._rows >= FLUSH_ROWS:
@@ -177,7 +258,7 @@ def gradient_through(model: nn.Module, param_names: Sequence[str], mask: torch.T
                                      inputs)
         finally:
             busy.discard(id(module))
-        return torch.where(mask, output, frozen)
+        return torch.where(mask.to(output.device), output, frozen)
 
     handles = []
     try:
@@ -206,7 +287,8 @@ class LogitsAt(contextlib.AbstractContextManager):
 
             def pre(module, args):
                 h = args[0]
-                return (h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])),) + tuple(args[1:])
+                i = idx.to(h.device)
+                return (h.gather(1, i[..., None].expand(-1, -1, h.shape[-1])),) + tuple(args[1:])
 
             self.handle = head.register_forward_pre_hook(pre)
         return self

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save
 from torch.func import functional_call
 
 from kledger.editors.base import EditContext
+from kledger.editors.hooks import input_device
 from kledger.editors.sites import num_layers, sites_for
 from kledger.editors.tokens import encode_pairs
 from kledger.ledger.deltas import LowRankDelta
@@ -132,7 +133,8 @@ def fit_updates(model: nn.Module, facts: Facts, weights: Sequence[EditedWeight],
         for _ in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
             for batch in facts.batches:  # gradient accumulation over micro-batches
-                overrides = {n: params[n].detach() + d.to(params[n].dtype) for n, d in deltas.items()}
+                # W + T summed in float32 and cast once (the gradient reaches T through the cast)
+                overrides = {n: (params[n].detach().float() + d).to(params[n].dtype) for n, d in deltas.items()}
                 loss = facts.nll(model, overrides, batch).sum() / facts.n
                 loss.backward()
             opt.step()
@@ -220,7 +222,7 @@ def task_spectra(model: nn.Module, tok, requests: Sequence[FactRequest], weights
                         for w in weights}
             except Exception as exc:  # a damaged cache file is recomputed, never trusted
                 log.warning("ignoring unreadable subspace cache %s: %s", path, exc)
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     t0 = time.perf_counter()
     task = fit_updates(model, Facts(tok, requests, dev, cfg.batch_size), weights, cfg, ctx.progress)
     out = {name: spectrum(t, cfg.max_rank) for name, t in task.items()}

@@ -297,7 +297,7 @@ class UltraEditEditor(Editor):
         after = [0] * n  # turns taken after top-1
         turns_taken = [0] * n
         nll0: list[float] = []
-        with preserved(model):
+        with preserved(model, params.values()):  # only the weights the turns write
             for turn in range(cfg.max_turns):
                 probe = features(model, tok, sites, layers, requests, with_grad=False)
                 if turn == 0:

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from kledger.editors.base import EditContext, EditResult, Editor, preserved
+from kledger.editors.hooks import input_device
 from kledger.editors.subspace import Facts, edited_weights, model_digest, orthogonalise, task_spectra, to_storage, truncate
 from kledger.ledger.canonical import canonical_json, sha256_hex
 from kledger.ledger.deltas import Delta, LowRankDelta
@@ -170,10 +171,10 @@ class _SubspaceEditor(Editor):
             retain = random.Random(ctx.seed).sample(retain, cfg.max_retain)
         t0 = time.perf_counter()
         torch.manual_seed(ctx.seed)
-        dev = next(model.parameters()).device
+        dev = input_device(model)
         weights = edited_weights(model, cfg)
         params = dict(model.named_parameters())
-        with preserved(model):
+        with preserved(model, [w.name for w in weights]):  # never written; saved anyway, only these
             facts = Facts(tok, requests, dev, cfg.batch_size)
             loss_before = facts.mean_nll(model)
             digest = model_digest(model) if ctx.cache_dir is not None else None
@@ -226,7 +227,7 @@ class _SubspaceEditor(Editor):
                 delta = Delta(tensors=tensors)
             except NumericalError:
                 raise NumericalError(f"{self.name}: the fitted subspace update is not finite (lower lr?)") from None
-            overrides = {w.name: params[w.name].detach() + tensors[w.name].to_dense().to(params[w.name]) for w in weights}
+            overrides = {w.name: _plus(params[w.name], tensors[w.name].to_dense()) for w in weights}
             loss_after = facts.mean_nll(model, overrides)
             metrics: dict[str, Any] = {
                 f"{self.mode}_loss_before": round(loss_before, 6),
@@ -249,6 +250,12 @@ class _SubspaceEditor(Editor):
             "retain": retain_record(retain_given, retain, use_retain),
         }
         return [EditResult(requests=tuple(requests), delta=delta, ensemble=ensemble, metrics=metrics)]
+
+
+def _plus(w: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``w + dense`` summed in float32 on ``w``'s device and cast once into ``w``'s dtype (as the
+    compositor writes it)."""
+    return (w.detach().float() + dense.to(w.device, torch.float32)).to(w.dtype)
 
 
 class UnlearnEditor(_SubspaceEditor):

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from kledger.editors.hooks import Trace, edit_output
+from kledger.editors.hooks import Trace, edit_output, input_device, module_device
 from kledger.editors.locate import LocateConfig, _fill, subject_last_index
 from kledger.editors.sites import Sites, get_module
 from kledger.editors.tokens import encode_pairs, pad, pad_id
@@ -63,7 +63,7 @@ def _z_rows(tok, r: FactRequest, templates: Sequence[str]) -> list[_ZRow]:
 
 def _prefix_kv(model: nn.Module, ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Per-layer (key, value) cache of a token prefix (batch 1), or None if the model has none."""
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     try:
         with torch.no_grad():
             out = model(input_ids=torch.tensor([list(ids)], device=dev), use_cache=True, logits_to_keep=1)
@@ -110,8 +110,10 @@ def _passes(model, tok, rows, n: int, m: int, batched: bool, prefix_cache: bool)
 def _step_losses(model, tok, sites: Sites, layer: int, rows, passes, active: list[int], leaf: torch.Tensor,
                  h0: torch.Tensor, capture: bool, m: int):
     """Run one v* step's forward passes: per active request its mean target NLL (over templates),
-    its KL row's log-probs, and whether every target token of every template is the argmax."""
-    dev = next(model.parameters()).device
+    its KL row's log-probs, and whether every target token of every template is the argmax.
+    Ids go to the input device; δ, h0 and the indices that place δ live on block ``layer``'s."""
+    dev = input_device(model)
+    ldev = leaf.device
     lm_head = get_module(model, sites.lm_head)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     live = set(active)
@@ -122,16 +124,17 @@ def _step_losses(model, tok, sites: Sites, layer: int, rows, passes, active: lis
             continue
         ids, mask = pad([r.ids[P:] for _, r, _ in batch], pad_id(tok), dev)
         B = len(batch)
-        b_rows = torch.arange(B, device=dev)
-        b_idx = torch.tensor([r.idx - P for _, r, _ in batch], device=dev)
-        b_req = torch.tensor([i for i, _, _ in batch], device=dev)
-        b_raw = torch.tensor([j == 0 for _, _, j in batch], device=dev)  # raw prompt rows: h = block output
+        b_rows = torch.arange(B, device=ldev)
+        b_idx = torch.tensor([r.idx - P for _, r, _ in batch], device=ldev)
+        b_req = torch.tensor([i for i, _, _ in batch], device=ldev)
+        b_raw = torch.tensor([j == 0 for _, _, j in batch], device=ldev)  # raw prompt rows: h = block output
 
         def add_delta(h: torch.Tensor) -> torch.Tensor:
+            rows_h, idx_h = b_rows.to(h.device), b_idx.to(h.device)
             if capture:
                 sel = b_raw.nonzero()[:, 0]
-                h0[b_req[sel]] = h[b_rows[sel], b_idx[sel]].detach().float()
-            return h.index_put((b_rows, b_idx), leaf[b_req].to(h.dtype), accumulate=True)
+                h0[b_req[sel]] = h[rows_h[sel.to(h.device)], idx_h[sel.to(h.device)]].detach().to(ldev, torch.float32)
+            return h.index_put((rows_h, idx_h), leaf[b_req].to(h.device, h.dtype), accumulate=True)
 
         if P:
             kwargs = {"past_key_values": _expand_cache(model, kv, B), "use_cache": True}
@@ -150,7 +153,8 @@ def _step_losses(model, tok, sites: Sites, layer: int, rows, passes, active: lis
                 for pos in range(s, e):
                     g_row.append(q), g_pos.append(pos - 1 - P), targets.append(r.ids[pos])
                     owners.append((i, "nll", j))
-        vecs.append(fn.output[torch.tensor(g_row, device=dev), torch.tensor(g_pos, device=dev)])
+        out = fn.output
+        vecs.append(out[torch.tensor(g_row, device=out.device), torch.tensor(g_pos, device=out.device)])
     logits = lm_head(torch.cat(vecs)).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
@@ -191,8 +195,8 @@ def compute_z(model: nn.Module, tok, sites: Sites, layer: int, requests: Sequenc
     before the first δ position run once into a KV cache (``prefix_cache``). Both give the same
     losses up to float rounding (tested).
     """
-    dev = next(model.parameters()).device
     w = model.get_parameter(sites.mlp_out_param(layer))
+    dev = module_device(get_module(model, sites.layer.format(layer)))  # δ lives where the block runs
     d = w.shape[1] if sites.mlp_out_transposed else w.shape[0]
     n, m = len(requests), len(templates)
     rows = [_z_rows(tok, r, templates) for r in requests]  # per request: m template rows + 1 KL row
@@ -219,7 +223,7 @@ def compute_z(model: nn.Module, tok, sites: Sites, layer: int, requests: Sequenc
                 if i not in init_kl:
                     init_kl[i] = cur.detach().clone()
                 kl = (cur.exp() * (cur - init_kl[i])).sum()
-                wd = leaf[i].norm() / (h0[i].norm() ** 2)
+                wd = (leaf[i].norm() / (h0[i].norm() ** 2)).to(nll[i].device)
                 losses[i] = nll[i] + cfg.kl_factor * kl + cfg.v_weight_decay * wd
                 info.losses[i].append(float(losses[i].detach()))
                 info.nll[i] = float(nll[i].detach())

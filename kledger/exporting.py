@@ -188,6 +188,8 @@ def model_card(ledger: Ledger, version: Event, *, library_name: str, head_hash: 
              f"Knowledge edits recorded with kledger on `{base_name}`"
              f" (fingerprint `{str(base.get('fingerprint', ''))[:16]}`), exported at version `{version.id}`.", ""]
     lines += [f"- {x}" for x in extra]
+    lines.append(f"- base precision: `{base.get('dtype') or 'float32'}` (the edits are stored in float32; a full"
+                 " export holds base + edits summed in float32 and rounded once into this precision)")
     lines += [f"- ledger head hash: `{head_hash}`", f"- version hash: `{version.hash}`", "",
               "## Active edits", ""]
     if active:

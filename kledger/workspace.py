@@ -24,7 +24,7 @@ import torch
 from kledger.audit.drift import DriftTracker, SafetensorsBase, cache_file, measure_edit
 from kledger.editors.base import EditContext, Editor, EditResult, config_to_json, make_config
 from kledger.editors.models import cache_dir as models_cache_dir
-from kledger.editors.models import fingerprint, load_model, resolve_model_path, tokenizer_fingerprint
+from kledger.editors.models import DTYPES, fingerprint, load_model, resolve_dtype, resolve_model_path, tokenizer_fingerprint
 from kledger.editors.registry import editor_class
 from kledger.ledger.compose import Materialised, apply_deltas, check_export_target, export, materialise
 from kledger.ledger.deltas import accumulate
@@ -35,9 +35,14 @@ from kledger.ledger.store import Ledger
 log = logging.getLogger(__name__)
 
 
-def init_ledger(directory: str | Path, model_spec: str, message: str | None = None) -> Ledger:
-    """Create ``DIR/.kledger`` recording the base model (spec, resolved path, fingerprint)."""
+def init_ledger(directory: str | Path, model_spec: str, message: str | None = None, dtype: str = "auto") -> Ledger:
+    """Create ``DIR/.kledger`` recording the base model (spec, resolved path, fingerprint) and the
+    precision every later command loads it in (``dtype``: float32, bfloat16, float16, or ``auto``,
+    the checkpoint's own dtype from its config.json, float32 when it names none)."""
     path = resolve_model_path(model_spec)
+    resolved = resolve_dtype(dtype, path)
+    if resolved == "float16":
+        load_model(model_spec, "auto", dtype=resolved)  # refused now if half precision cannot run here
     cfg = json.loads((path / "config.json").read_text())
     model = {
         "spec": model_spec,
@@ -46,6 +51,7 @@ def init_ledger(directory: str | Path, model_spec: str, message: str | None = No
         "tokenizer_fingerprint": tokenizer_fingerprint(path),
         "model_type": cfg.get("model_type"),
         "architectures": cfg.get("architectures"),
+        "dtype": resolved,
     }
     return Ledger.create(directory, model, message=message or f"init {model_spec}")
 
@@ -169,6 +175,7 @@ class Workspace:
 
     ledger: Ledger
     device: str = "auto"
+    device_map: Any = None  # None (one device), "auto"/"balanced", a dict or a JSON file: module → device
     progress: bool = False
     model_spec: str | None = None
     _model: Any = field(default=None, repr=False)
@@ -195,7 +202,13 @@ class Workspace:
                              " pass --model with a copy of it")
         # ledgers made before the tokenizer was recorded have no tokenizer_fingerprint: not checked
         return load_model(spec, self.device, expect_fingerprint=base["fingerprint"],
-                          expect_tokenizer=base.get("tokenizer_fingerprint"))
+                          expect_tokenizer=base.get("tokenizer_fingerprint"), dtype=self.dtype,
+                          device_map=self.device_map)
+
+    @property
+    def dtype(self) -> str:
+        """The precision the base model is loaded in: recorded at init (older ledgers: float32)."""
+        return self.ledger.base_model().get("dtype") or "float32"
 
     def model_with(self, ids: Sequence[str]):
         """A fresh base model with the deltas of events ``ids`` applied: (model, tok, events)."""
@@ -353,7 +366,7 @@ class Workspace:
                 info = self.ledger.base_model()
                 self._files = SafetensorsBase(resolve_model_path(self.model_spec or info["spec"]))
             v = self._files.get(name)
-            if v is not None:
+            if v is not None:  # cast as from_pretrained casts the checkpoint into the model's dtype
                 v = self._base_vals[name] = v.to(current.dtype)
         return v
 
@@ -404,6 +417,8 @@ class Workspace:
 
             def base_of(name: str) -> torch.Tensor:
                 w0 = files.get(name)
+                if w0 is not None:  # W₀ as the model holds it (rounded into a half-precision base)
+                    w0 = w0.to(DTYPES[self.dtype])
                 if w0 is None:
                     cur = dict(self._model.named_parameters())[name]
                     deltas = [d for d in (self.ledger.load_delta(e) for e in self.ledger.active(self._at or "HEAD"))

@@ -1,8 +1,10 @@
 """The compositor: materialise a ledger version onto a base model, and export it.
 
 ``materialise`` writes base + Σ active deltas into the given *base* model's parameters, summed
-per tensor in fp32 on the model's device and cast once (see ``deltas.accumulate``). Only the
-tensors that active edits touch are read and written. Because the sum is always recomputed from
+per tensor in fp32 on that tensor's own device (a model split over devices included) and cast
+once into the parameter's dtype (see ``deltas.accumulate``). Only the tensors that active edits
+touch are read, up-cast and written: a bfloat16/float16 model is never copied whole into fp32,
+and with no active delta (after reverting everything) the base's bytes are left untouched. Because the sum is always recomputed from
 the base over the active set, ``add A, add B, revert A`` gives exactly base + Δ_B, bit for bit.
 
 The compositor reads the ledger and the deltas; it never computes edits.

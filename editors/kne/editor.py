@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
-from kledger.editors.hooks import gradient_through
+from kledger.editors.hooks import gradient_through, input_device
 from kledger.editors.kne.config import KNEConfig
 from kledger.editors.kne.ensemble import candidate_params, select_ensemble
 from kledger.editors.kne.losses import build_batch, contrast_nll, contrast_term, kl_term, nll_terms, Optimizer
@@ -40,8 +40,10 @@ class KNEEditor(Editor):
 
             iterator = tqdm(requests, desc="kne", unit="fact")
         results = []
+        cfg: KNEConfig = self.config
+        written = list(candidate_params(model, cfg.layers, cfg.exclude_layers))  # what KNE may write
         for i, req in enumerate(iterator):
-            with preserved(model):
+            with preserved(model, written):
                 results.append(self._edit_one(model, tok, req, ctx.seed + i))
         return results
 
@@ -49,7 +51,7 @@ class KNEEditor(Editor):
     def _edit_one(self, model: nn.Module, tok, req: FactRequest, seed: int) -> EditResult:
         cfg: KNEConfig = self.config
         t0 = time.perf_counter()
-        device = next(model.parameters()).device
+        device = input_device(model)  # ids and δ; each tensor's entries stay on its own device
         was_training = model.training
         model.eval()
         try:
@@ -86,7 +88,7 @@ class KNEEditor(Editor):
         grads0 = torch.autograd.grad(loss0, [params[k] for k in names])
         del logp
         if cfg.attribution == "grad_x_weight":
-            scores = {k: (g * params[k].detach()).abs().reshape(-1) for k, g in zip(names, grads0)}
+            scores = {k: (g.float() * params[k].detach().float()).abs().reshape(-1) for k, g in zip(names, grads0)}
         else:
             scores = self._integrated_gradients(model, params, names, batch, grads0, cfg, c_base)
         for p in params.values():
@@ -97,7 +99,7 @@ class KNEEditor(Editor):
         gen = torch.Generator().manual_seed(seed)
         ens = select_ensemble({k: v.cpu() for k, v in scores.items()}, layer_of, cfg.threshold, budget, gen)
         touched = [k for k in names if k in ens]
-        idx = {k: ens[k].to(device) for k in touched}
+        idx = {k: ens[k].to(params[k].device) for k in touched}
         n = sum(int(v.numel()) for v in idx.values())
         scale = cfg.alpha / math.sqrt(n) if cfg.alpha is not None else 1.0
         w0 = {k: params[k].detach().reshape(-1)[idx[k]].clone() for k in touched}
@@ -105,10 +107,10 @@ class KNEEditor(Editor):
         for k in touched:
             offsets[k] = (o, o + idx[k].numel())
             o += idx[k].numel()
-        delta = torch.zeros(n, device=device, requires_grad=True)
+        delta = torch.zeros(n, device=device, dtype=torch.float32, requires_grad=True)
         opt = Optimizer(delta, cfg)
         g0 = dict(zip(names, grads0))
-        first_grad = torch.cat([g0[k].reshape(-1)[idx[k]] for k in touched]) * scale
+        first_grad = torch.cat([g0[k].reshape(-1)[idx[k]].to(device, torch.float32) for k in touched]) * scale
         del grads0, g0
         t_sel = time.perf_counter()
 
@@ -135,7 +137,8 @@ class KNEEditor(Editor):
                 loss = nll + cfg.locality_weight * kl_term(logp, ref, batch) + contrast_term(logp, batch, c_base, cfg)
                 grads = torch.autograd.grad(loss, tparams)
                 del logp
-                delta.grad = torch.cat([g.reshape(-1)[idx[k]] for k, g in zip(touched, grads)]) * scale
+                delta.grad = torch.cat([g.reshape(-1)[idx[k]].to(device, torch.float32)
+                                        for k, g in zip(touched, grads)]) * scale
                 del grads
                 opt.step()
                 steps += 1
@@ -178,15 +181,16 @@ class KNEEditor(Editor):
     @staticmethod
     @torch.no_grad()
     def _write(params, touched, idx, w0, offsets, delta, scale) -> None:
-        for k in touched:
+        for k in touched:  # w₀ + δ in float32, cast once into the weight's dtype, on its device
             a, b = offsets[k]
-            params[k].view(-1).index_copy_(0, idx[k], w0[k] + scale * delta.detach()[a:b])
+            value = w0[k].float() + scale * delta.detach()[a:b].to(w0[k].device)
+            params[k].view(-1).index_copy_(0, idx[k], value.to(params[k].dtype))
 
     @staticmethod
     def _integrated_gradients(model, params, names, batch, grads_at_1, cfg: KNEConfig, c_base) -> dict[str, torch.Tensor]:
         """|w̄ · mean_i ∂L/∂w at (i/m)·w̄|, all candidate tensors scaled jointly (i = 1..m)."""
         m = cfg.ig_steps
-        acc = {k: g.detach().clone() for k, g in zip(names, grads_at_1)}  # i = m
+        acc = {k: g.detach().to(torch.float32, copy=True) for k, g in zip(names, grads_at_1)}  # i = m
         orig = {k: params[k].detach().clone() for k in names}
         try:
             for i in range(1, m):
@@ -199,12 +203,12 @@ class KNEEditor(Editor):
                 grads = torch.autograd.grad(loss, [params[k] for k in names])
                 del logp
                 for k, g in zip(names, grads):
-                    acc[k].add_(g)
+                    acc[k].add_(g.float())
         finally:
             with torch.no_grad():
                 for k in names:
                     params[k].copy_(orig[k])
-        return {k: (acc[k] * orig[k]).abs().reshape(-1) / m for k in names}
+        return {k: (acc[k] * orig[k].float()).abs().reshape(-1) / m for k in names}
 
     @staticmethod
     def _summary(ens, scores, layer_of, total, budget, cfg: KNEConfig) -> dict:
