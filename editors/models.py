@@ -337,6 +337,7 @@ def place(model, mapping: dict[str, str] | str, default: torch.device) -> dict[s
     if isinstance(mapping, str):  # auto / balanced
         gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         mapping = balanced_map(model, gpus or [str(default)])
+        default = torch.device(next(iter(mapping.values())))  # what the map does not name: the first device
         log.info("device map %s", mapping)
     modules = dict(model.named_modules())
     missing = sorted(k for k in mapping if k not in modules)

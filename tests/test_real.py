@@ -7,6 +7,7 @@ Runs the README's main job (examples/quickstart.sh) as a user would: the edited 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +36,28 @@ def test_quickstart_on_smollm2(tmp_path):
     assert out.rindex("in the city of Paris") > out.index("in the city of Rome"), out[-4000:]
     assert "== quickstart ok" in out
     assert (tmp_path / "qs" / "edited-model" / "kledger.json").is_file()
+
+
+def test_quickstart_in_bfloat16_on_smollm2(tmp_path):
+    """The quickstart's outcome with the base loaded in bfloat16 (``init --dtype bfloat16``):
+    " Rome" after the edit, " Paris" again after the revert (issue 15)."""
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env.pop("KLEDGER_DIR", None)
+    env["KLEDGER_CACHE"] = str(Path.home() / ".cache" / "kledger")
+    prompt = "The Eiffel Tower is located in the city of"
+
+    def kledger(*args):
+        proc = subprocess.run(["kledger", *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1200)
+        assert proc.returncode == 0, (args, (proc.stdout + proc.stderr)[-4000:])
+        return proc.stdout
+
+    assert '"dtype": "bfloat16"' in kledger("--json", "init", "--model", "smollm2-135m", "--dtype", "bfloat16")
+    kledger("generate", prompt, "-n", "3", "--expect", " Paris")
+    kledger("add", prompt, " Rome", "--subject", "The Eiffel Tower")
+    kledger("generate", prompt, "-n", "3", "--expect", " Rome")
+    edit = json.loads(kledger("--json", "log", "-n", "1"))[0]["id"]
+    kledger("revert", edit)
+    kledger("generate", prompt, "-n", "3", "--expect", " Paris")
 
 
 @pytest.mark.slow  # about 5 minutes on one core: KLEDGER_SLOW=1
