@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from kledger.audit.thresholds import ALL_PARTS
-from kledger.editors.hooks import LogitsAt
+from kledger.editors.hooks import LogitsAt, input_device
 from kledger.editors.tokens import ids as _ids
 from kledger.editors.tokens import pad, pad_id, pair_ids
 from kledger.ledger.records import Event
@@ -72,7 +72,7 @@ def _forward(model: nn.Module, rows: Sequence[Sequence[int]], pad_value: int,
              positions: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Logits of right-padded ``rows``: all positions (rows × width × V), or with ``positions``
     only those of each row (rows × max count × V; row j's k-th entry is position positions[j][k])."""
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     ids, mask = pad(rows, pad_value, dev)
     index = None
     if positions is not None:

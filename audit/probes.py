@@ -45,6 +45,7 @@ from typing import Any, Mapping
 
 import torch
 
+from kledger.editors.hooks import input_device
 from kledger.audit import events as E
 from kledger.audit import figures as M
 from kledger.editors.tokens import pad, pad_id
@@ -339,7 +340,7 @@ def _sample_texts(model, tok, n: int, n_tokens: int, seed: int, top_p: float = 0
     left-padded batch with the key/value cache of the plain HF forward API (explicit attention
     mask and position ids) and a private generator (the global RNG is untouched). Batching the
     16 default rows measured ~10x faster than sampling them one at a time on smollm2-135m."""
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     eos, pv = tok.eos_token_id, pad_id(tok)
     starts = [NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)] for i in range(n)]
     rows = [tok(s, add_special_tokens=False)["input_ids"] for s in starts]

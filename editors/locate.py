@@ -49,7 +49,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from kledger.editors.hooks import StopAfter, StopForward, Trace
+from kledger.editors.hooks import StopAfter, StopForward, Trace, input_device
 from kledger.editors.sites import Sites, num_layers
 from kledger.editors.stats import banned_ids, sample_continuations
 from kledger.editors.tokens import pad, pad_id
@@ -174,7 +174,7 @@ def context_templates(model: nn.Module, tok, n: int, length: int, seed: int) -> 
     templates = ["{}"]
     if n == 0:
         return templates
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     starts = [tok(PREFIX_STARTS[i % len(PREFIX_STARTS)], add_special_tokens=False)["input_ids"] for i in range(n)]
     gen = torch.Generator().manual_seed(seed)
     ban = banned_ids(tok)
@@ -202,7 +202,7 @@ def keys_and_outputs(model: nn.Module, tok, sites: Sites, requests: Sequence[Fac
     ``H`` is block ``out_layer``'s output at the subject's last token of the raw prompt (template
     0). One forward pass per chunk of rows, stopped after the highest layer needed.
     """
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     texts, idxs = [], []
     for r in requests:
         for t in templates:
@@ -227,9 +227,11 @@ def keys_and_outputs(model: nn.Module, tok, sites: Sites, requests: Sequence[Fac
             except StopForward:
                 pass
             for l in key_layers:
-                keys[l].append(kt[l].input[rows, pos].double())
+                x = kt[l].input  # on its layer's device (device maps)
+                keys[l].append(x[rows.to(x.device), pos.to(x.device)].double())
             if ot is not None:
-                outs.append(ot.output[rows, pos].double())
+                y = ot.output
+                outs.append(y[rows.to(y.device), pos.to(y.device)].double())
     K = {l: torch.cat(v).view(n, m, -1).mean(dim=1).T.contiguous() for l, v in keys.items()}
     H = torch.cat(outs).view(n, m, -1)[:, 0].T.contiguous() if outs else None
     return K, H

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from kledger.editors.hooks import input_device
 from kledger.editors.tokens import encode_pairs, pad_id
 
 
@@ -26,7 +27,7 @@ def target_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, spans: Sequen
 @torch.no_grad()
 def score_targets(model: nn.Module, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """Sum log-probabilities of each target after its prompt (CPU float tensor)."""
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     out = []
     for i in range(0, len(prompts), batch_size):
         enc, spans = encode_pairs(tok, prompts[i : i + batch_size], targets[i : i + batch_size], dev)
@@ -38,7 +39,7 @@ def score_targets(model: nn.Module, tok, prompts: Sequence[str], targets: Sequen
 @torch.no_grad()
 def target_token_accuracy(model: nn.Module, tok, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
     """Teacher-forced token accuracy of each target (the zsRE metric)."""
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     enc, spans = encode_pairs(tok, prompts, targets, dev)
     pred = model(**enc).logits.argmax(-1)
     out = []
@@ -50,7 +51,7 @@ def target_token_accuracy(model: nn.Module, tok, prompts: Sequence[str], targets
 @torch.no_grad()
 def greedy(model: nn.Module, tok, prompt: str, max_new_tokens: int = 5) -> str:
     """Greedy continuation (without special tokens)."""
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(dev)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=pad_id(tok))

@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save
 
 from kledger.editors.base import EditContext
 from kledger.editors.sites import Sites, sites_for
-from kledger.editors.hooks import KeyAccumulator, StopForward
+from kledger.editors.hooks import KeyAccumulator, StopForward, input_device
 from kledger.editors.tokens import pad, pad_id
 from kledger.ledger.errors import UsageError
 
@@ -200,15 +200,19 @@ def key_covariances(
         if loaded is not None:
             result[l], counts[l] = loaded
             hits[l] = True
+    devs = {l: model.get_parameter(sites.mlp_out_param(l)).device for l in layers}
+    for l in list(result):  # each C0 on its layer's device (GPU or a device map's part), float64
+        result[l] = result[l].to(devs[l]).double()
     missing = [l for l in layers if l not in result]
     if missing:
         sums, n = _accumulate(model, tok, sites, missing, ctx, corpus, n_tokens, seq_len, seed,
                               _corpus_path(cdir, corpus, fp))
-        for l in missing:
-            c0 = (sums[l] / n).float()  # float32-rounded mean: cache hits give the same values
-            result[l], counts[l], hits[l] = c0, n, False
+        for l in missing:  # one layer at a time, each fp64 sum freed once used: peak ≈ the sums
+            c0 = (sums.pop(l) / n).float()  # float32-rounded mean: cache hits give the same values
             if cdir is not None:
                 _store(cdir / f"{keys[l]}.safetensors", c0, n, keys[l])
+            result[l], counts[l], hits[l] = c0.double(), n, False
+            del c0
     desc = {
         "format": FORMAT_VERSION,
         "corpus": {k: v for k, v in corpus.items() if k != "starts"},
@@ -220,9 +224,7 @@ def key_covariances(
         "layers_computed": missing,
         "time_s": round(time.perf_counter() - t0, 3),
     }
-    # each C0 on its layer's device (GPU or a device map's part): solves then run where the weights are
-    devs = {l: model.get_parameter(sites.mlp_out_param(l)).device for l in layers}
-    return {l: result[l].to(devs[l]).double() for l in layers}, desc
+    return {l: result[l] for l in layers}, desc
 
 
 def _load(path: Path) -> tuple[torch.Tensor, int] | None:
@@ -307,7 +309,7 @@ def _accumulate(model, tok, sites: Sites, layers: list[int], ctx: EditContext, c
 
     from tqdm.auto import tqdm
 
-    dev = model.get_input_embeddings().weight.device  # inputs go where the embedding is (device maps)
+    dev = input_device(model)  # inputs go where the embedding is (device maps)
     state = _Pass()
     pad_value = pad_id(tok)
     with contextlib.ExitStack() as stack:

@@ -18,7 +18,8 @@ No covariance statistics and no v* optimisation. Per batch of fact requests, one
 
 Turns repeat (at most ``max_turns``) for the requests whose target is not yet the argmax of
 every target token, each on the working copy with the earlier turns written in (ENCORE's MPES
-idea applied to turns: stop as soon as the target is top-1, plus ``extra_turns``).
+idea applied to turns: stop as soon as the target is top-1, plus ``extra_turns``). A turn's one
+pass over the requests not yet done both checks them and gives the features of those still active.
 
 **Reading of the paper** (its code is not public in full): the normaliser here keeps the gradient
 part only, since the solve uses raw keys; with few rows the running statistics are shrunk toward
@@ -53,7 +54,7 @@ from kledger.editors.tokens import encode_pairs
 from kledger.editors.locate import default_layers, subject_last_index
 from kledger.editors.sites import Sites, num_layers, sites_for
 from kledger.editors.stats import key_covariances
-from kledger.editors.hooks import Trace, edit_output
+from kledger.editors.hooks import Trace, edit_output, input_device
 from kledger.ledger.deltas import Delta, LowRankDelta
 from kledger.ledger.errors import NumericalError, UsageError
 from kledger.ledger.records import FactRequest
@@ -66,10 +67,10 @@ class UltraEditConfig:
     """UltraEdit hyper-parameters (defaults measured; see the module docstring)."""
 
     layers: tuple[int, ...] | None = None  # None: locate.default_layers(num_layers(model)) (4–8 of 30)
-    lr: float = 1e-2  # value shift = −lr·‖k‖²·ĝ
+    lr: float = 2.5e-3  # value shift per turn = −lr·‖k‖²·ĝ (small steps: less overshoot past top-1)
     ridge: float = 1e2  # λ of the ridge solve
     history_weight: float = 1.0  # μ: weight of earlier UltraEdit events' keys (0: off, no keys stored)
-    max_turns: int = 10  # closed-form turns per batch at most
+    max_turns: int = 40  # closed-form turns per batch at most (lr × max_turns bounds the push)
     extra_turns: int = 0  # turns a request keeps taking after its target became top-1
     norm_prior: float = 16.0  # pseudo-rows of the isotropic prior of the lifelong normaliser
     norm_eps: float = 1e-8  # ε added to the variance (relative to the pooled mean square)
@@ -163,7 +164,7 @@ class Turn:
 def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], requests: Sequence[FactRequest],
              with_grad: bool = True, positions: str = "target") -> Turn:
     """Keys and output gradients at the positions that predict target tokens (one padded batch)."""
-    dev = model.get_input_embeddings().weight.device  # inputs go where the embedding is (device maps)
+    dev = input_device(model)  # inputs go where the embedding is (device maps)
     enc, spans = encode_pairs(tok, [r.prompt for r in requests], [r.target_new for r in requests], dev)
     rows = []
     for i, (r, (s, e)) in enumerate(zip(requests, spans)):
@@ -238,11 +239,12 @@ def history_factor(H: torch.Tensor | None, lam: float, mu: float, C0: torch.Tens
     """Cholesky factor of ``A = μH + λ_c C0 + λI`` (float64, on the device of ``H``/``C0``), shared
     by every turn of a batch."""
     ref = H if H is not None else C0
-    A = lam * torch.eye(ref.shape[0], dtype=torch.float64, device=ref.device)
+    A = torch.zeros(ref.shape[0], ref.shape[0], dtype=torch.float64, device=ref.device)
+    A.diagonal().fill_(lam)
     if H is not None and mu:
-        A = A + mu * H.to(ref.device, torch.float64)
+        A.add_(mu * H.to(ref.device, torch.float64))  # same rounding as A + μH
     if C0 is not None and lam_c:
-        A = A + lam_c * C0.to(ref.device, torch.float64)
+        A.add_(lam_c * C0.to(ref.device, torch.float64))
     return torch.linalg.cholesky(A)
 
 
@@ -284,12 +286,16 @@ class UltraEditEditor(Editor):
             dims[l] = (w.shape[0], w.shape[1]) if sites.mlp_out_transposed else (w.shape[1], w.shape[0])  # (in, out)
         stats = {l: _state_stats(states, l, dims[l][1]) for l in layers}
         devs = {l: model.get_parameter(params[l]).device for l in layers}
-        hist = {l: _history_keys(states, l, dims[l][0], devs[l]) if cfg.history_weight > 0 else None for l in layers}
         c0: dict[int, torch.Tensor] = {}
         if cfg.preserve_weight > 0:
             c0, self._stats_desc = key_covariances(model, tok, layers, ctx, n_tokens=cfg.stats_tokens, seed=ctx.seed)
-        chol = {l: history_factor(hist[l], cfg.ridge, cfg.history_weight, c0.get(l), cfg.preserve_weight)
-                for l in layers if hist[l] is not None or l in c0}
+        chol: dict[int, torch.Tensor] = {}
+        for l in layers:  # one layer at a time, its C0 and H freed once factorised: peak ≈ one set of in×in
+            H = _history_keys(states, l, dims[l][0], devs[l]) if cfg.history_weight > 0 else None
+            C0 = c0.pop(l, None)
+            if H is not None or C0 is not None:
+                chol[l] = history_factor(H, cfg.ridge, cfg.history_weight, C0, cfg.preserve_weight)
+            del H, C0
         u = {l: [[] for _ in range(n)] for l in layers}  # per request: list of (out×r) pieces
         v = {l: [[] for _ in range(n)] for l in layers}
         mine = {l: [GradStats.zeros(dims[l][1]) for _ in range(n)] for l in layers}
@@ -298,22 +304,31 @@ class UltraEditEditor(Editor):
         turns_taken = [0] * n
         nll0: list[float] = []
         with preserved(model, params.values()):  # only the weights the turns write
+            done = [False] * n
             for turn in range(cfg.max_turns):
-                probe = features(model, tok, sites, layers, requests, with_grad=False)
+                cand = [i for i in range(n) if not done[i]]
+                if not cand:
+                    break
+                # one pass gives both the check (is the target top-1 yet?) and the features
+                ft = features(model, tok, sites, layers, [requests[i] for i in cand], positions=cfg.positions)
                 if turn == 0:
-                    nll0 = probe.nll
-                active = [i for i in range(n) if not probe.top1[i] or after[i] < cfg.extra_turns]
-                for i in range(n):
-                    if probe.top1[i] and i in active:
-                        after[i] += 1
+                    nll0 = ft.nll
+                active = []
+                for j, i in enumerate(cand):
+                    if ft.top1[j] and after[i] >= cfg.extra_turns:
+                        done[i] = True
+                        continue
+                    after[i] += int(ft.top1[j])
+                    active.append(i)
                 if not active:
                     break
-                ft = features(model, tok, sites, layers, [requests[i] for i in active], positions=cfg.positions)
-                owners = [active[j] for j in ft.owners]
+                keep = set(active)
+                rows = [r for r, o in enumerate(ft.owners) if cand[o] in keep]
+                owners = [cand[ft.owners[r]] for r in rows]
                 for i in active:
                     turns_taken[i] += 1
                 for l in layers:
-                    K, G = ft.keys[l], ft.grads[l]
+                    K, G = ft.keys[l][rows], ft.grads[l][rows]
                     if not (torch.isfinite(K).all() and torch.isfinite(G).all()):
                         raise NumericalError(f"ultraedit: non-finite keys or gradients at layer {l}")
                     for i in set(owners):
@@ -323,7 +338,7 @@ class UltraEditEditor(Editor):
                     stats[l] = stats[l] + GradStats.of(G)
                     Gn = stats[l].normalise(G, cfg.norm_prior, cfg.norm_eps).to(K.device)
                     V = -cfg.lr * (K * K).sum(1, keepdim=True) * Gn  # rows × out
-                    M = ridge_factors(K, V, cfg.ridge, hist[l], cfg.history_weight, chol.get(l))  # in × rows
+                    M = ridge_factors(K, V, cfg.ridge, None, 0.0, chol.get(l))  # in × rows (history is in chol)
                     if not (torch.isfinite(V).all() and torch.isfinite(M).all()):
                         raise NumericalError(f"ultraedit: the solve at layer {l} produced NaN/Inf")
                     U_, V_ = V.T.float(), M.float()  # ΔW (out×in) = U_ V_ᵀ
