@@ -183,3 +183,25 @@ def test_revert_rebase_equals_a_sequence_without_the_edit(tmp_path, tiny_llama_d
     assert changed
     base, _, _ = never.load_base()
     assert any(not torch.allclose(p, q) for p, q in zip(got.parameters(), base.parameters()))
+
+
+def test_turns_stop_at_top1_and_an_answered_request_writes_nothing(tiny_llama_dir):
+    """MPES applied to turns: a request whose target is already the greedy answer takes no turn and
+    writes no weight; otherwise turns stop at the first check that finds the target top-1, and
+    ``extra_turns`` adds exactly that many turns after it."""
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    req = REQS[0]
+    ids = tok(req.prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        greedy = tok.decode([int(model(ids).logits[0, -1].argmax())])
+    if tok(req.prompt + greedy, add_special_tokens=False)["input_ids"][: ids.shape[1] + 1] != \
+            ids[0].tolist() + tok(greedy, add_special_tokens=False)["input_ids"][:1]:
+        pytest.skip("the greedy token does not round-trip through this tokenizer")
+    answered = FactRequest(req.prompt, greedy, subject=req.subject)
+    [res] = UltraEditEditor(UltraEditConfig(**CFG)).compute(model, tok, [answered], EditContext())
+    assert res.metrics["turns"] == 0 and not res.delta.tensors and res.metrics["top1"]
+    cfg = dict(CFG, lr=30.0, max_turns=8, positions="both")  # reaches top-1 in 4–6 turns on the tiny model
+    [plain] = UltraEditEditor(UltraEditConfig(**cfg)).compute(model, tok, [REQS[1]], EditContext())
+    [extra] = UltraEditEditor(UltraEditConfig(**cfg, extra_turns=1)).compute(model, tok, [REQS[1]], EditContext())
+    assert plain.metrics["top1"] and 1 <= plain.metrics["turns"] < 8
+    assert extra.metrics["turns"] == plain.metrics["turns"] + 1
