@@ -174,7 +174,8 @@ def resolve(ledger: "Ledger", plan: "MergePlan", *, device: str, progress: bool,
     from kledger.ledger.compose import apply_deltas
     from kledger.ledger.merge import combine
     from kledger.ledger.mergeplan import requests_of
-    from kledger.workspace import Workspace, compute_edit, method_states
+    from kledger.editing import compute_edit, method_states
+    from kledger.workspace import Workspace
 
     side = sorted(plan.kept("ours") + plan.kept("theirs"), key=lambda e: e.seq)
     groups: dict[tuple[str, str], list[Event]] = {}

@@ -107,7 +107,8 @@ def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", prog
     ``model_tok``: an already loaded *base* model and tokenizer to use (it is modified).
     """
     from kledger.ledger.compose import apply_deltas
-    from kledger.workspace import Workspace, compute_edit, method_states, write_exact
+    from kledger.editing import compute_edit, method_states, write_exact
+    from kledger.workspace import Workspace
 
     t0 = time.perf_counter()
     plan = plan_rebase(ledger, target_ref)

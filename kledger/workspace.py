@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from kledger.audit.drift import DriftTracker, SafetensorsBase, cache_file, measure_edit
-from kledger.editors.base import EditContext, Editor, EditResult, config_to_json, make_config
+from kledger.editors.base import config_to_json
 from kledger.editors.models import cache_dir as models_cache_dir
 from kledger.editors.models import DTYPES, fingerprint, load_model, resolve_dtype, resolve_model_path, tokenizer_fingerprint
 from kledger.editors.registry import editor_class
@@ -31,6 +31,7 @@ from kledger.ledger.deltas import accumulate
 from kledger.ledger.errors import AuditThresholdError, StateError, UsageError
 from kledger.ledger.records import Event, FactRequest
 from kledger.ledger.store import Ledger
+from kledger.editing import edit_context, make_editor, method_states, write_exact
 
 log = logging.getLogger(__name__)
 
@@ -54,54 +55,6 @@ def init_ledger(directory: str | Path, model_spec: str, message: str | None = No
         "dtype": resolved,
     }
     return Ledger.create(directory, model, message=message or f"init {model_spec}")
-
-
-def make_editor(method: str, config: Mapping[str, Any] | None = None) -> Editor:
-    """The registered editor ``method`` with its config built from ``config`` (JSON or strings)."""
-    cls = editor_class(method)
-    return cls(make_config(cls.config_cls, dict(config or {})))
-
-
-def edit_context(ledger: Ledger, editor: Editor, states: Sequence[Mapping] = (), *, progress: bool = False,
-                 seed: int = 0, stats_corpus: str | None = None) -> EditContext:
-    """What an editor may know: the base fingerprint and cache, and (when it declares
-    ``needs_history``) ``states``, the method state of the earlier active events."""
-    return EditContext(
-        fingerprint=ledger.base_model().get("fingerprint", ""), cache_dir=ledger.cache_dir,
-        history={"states": [dict(s) for s in states]} if editor.needs_history else {},
-        progress=progress, seed=seed, stats_corpus=stats_corpus,
-    )
-
-
-def method_states(ledger: Ledger, method: str, events: Sequence[Event],
-                  cache: dict[str, dict] | None = None) -> list[dict]:
-    """The ``Delta.state`` of those ``events`` made by ``method`` (an editor's history).
-
-    ``cache``: event id → state, filled as states are read (an event's delta never changes, so a
-    long sequence reads each event's state once instead of once per later batch)."""
-    out = []
-    for e in events:
-        if e.method != method:
-            continue
-        st = cache.get(e.id) if cache is not None else None
-        if st is None:
-            st = dict(ledger.load_delta(e).state)
-            if cache is not None:
-                cache[e.id] = st
-        out.append(st)
-    return out
-
-
-def compute_edit(ledger: Ledger, model, tok, method: str, config: Mapping[str, Any] | None,
-                 requests: Sequence[FactRequest], states: Sequence[Mapping] = (), progress: bool = False,
-                 seed: int = 0, stats_corpus: str | None = None, **compute_kwargs: Any) -> list[EditResult]:
-    """Run ``method`` with a recorded ``config`` on ``requests``; ``states`` = its history.
-
-    ``stats_corpus``: the key-statistics corpus the original edits used, if not the default
-    (it is not recorded in the event; key statistics are cached per corpus)."""
-    editor = make_editor(method, config)
-    ctx = edit_context(ledger, editor, states, progress=progress, seed=seed, stats_corpus=stats_corpus)
-    return editor.compute(model, tok, list(requests), ctx, **compute_kwargs)
 
 
 def active_duplicates(ledger: Ledger, requests: Sequence[FactRequest]) -> set[int]:
@@ -144,29 +97,6 @@ def default_guard(ledger, cls, n_facts: int) -> bool:
         return False
     return True
 
-
-
-def write_exact(model, deltas: Sequence[Any], base_value: Callable[[str, torch.Tensor], torch.Tensor | None]) -> bool:
-    """Rewrite every tensor ``deltas`` touch as ``materialise`` writes it: the base value
-    (``base_value(name, current)``) + the same fixed, chunked fp32 sum, cast once. Used after
-    each batch instead of keeping batch-by-batch additions, so the working model is bit for bit
-    the model a new process loads: a sequence continued tomorrow (or recomputed by a rebase)
-    computes exactly what one uninterrupted run computes. Returns False (and changes nothing)
-    when a base value is unavailable (e.g. a ``.bin`` checkpoint)."""
-    from kledger.ledger.compose import DEFAULT_CHUNK
-
-    params = dict(model.named_parameters())
-    names = sorted({n for d in deltas for n in d.tensors})
-    base = {n: base_value(n, params[n]) for n in names}
-    if any(v is None for v in base.values()):
-        log.debug("exact rewrite skipped: a base tensor is not in safetensors files")
-        return False
-    with torch.no_grad():
-        for n, v in base.items():
-            params[n].copy_(v)
-    if deltas:
-        apply_deltas(model, deltas, chunk=DEFAULT_CHUNK)
-    return True
 
 
 @dataclass

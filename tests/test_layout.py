@@ -44,7 +44,7 @@ def test_nothing_outside_cli_imports_the_cli(folder):
 
 
 def test_the_ledger_never_runs_a_model_nor_imports_the_layers_above():
-    above = ("kledger.editors", "kledger.audit", "kledger.workspace", "kledger.rebase", "kledger.merging",
+    above = ("kledger.editors", "kledger.audit", "kledger.workspace", "kledger.editing", "kledger.rebase", "kledger.merging",
              "kledger.auditing", "kledger.cli", "transformers")
     for path in _modules("ledger"):
         bad = sorted(m for m in _imports(path) if m.startswith(above))
@@ -56,6 +56,6 @@ def test_the_ledger_never_runs_a_model_nor_imports_the_layers_above():
 def test_editors_never_touch_the_ledger_store():
     for path in _modules("editors"):
         bad = sorted(m for m in _imports(path) if m.startswith(("kledger.ledger.store", "kledger.ledger.graph",
-                                                                "kledger.ledger.rows", "kledger.workspace",
+                                                                "kledger.ledger.rows", "kledger.workspace", "kledger.editing",
                                                                 "kledger.audit")))
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"

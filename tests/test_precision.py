@@ -195,7 +195,7 @@ def _deltas(model, tok, method: str, cfg: dict, cache) -> dict[str, torch.Tensor
     """The summed dense deltas of ``method`` on two requests. Key statistics are cached in
     ``cache``: pass one folder for both models so that they share one C0 (its sampled corpus,
     like the prefixes, could differ by a token on another device)."""
-    from kledger.workspace import make_editor
+    from kledger.editing import make_editor
 
     ctx = EditContext(cache_dir=cache)
     res = make_editor(method, cfg).compute(model, tok, [EIFFEL, NILE], ctx)

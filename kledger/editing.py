@@ -1,0 +1,95 @@
+"""What an editor is given and how its output goes back into a model: one place for
+``Workspace``, ``rebase`` and ``merging``.
+
+* ``make_editor`` / ``edit_context`` / ``compute_edit``: the registered editor with its recorded
+  config, and the context it may see (base fingerprint, cache, and — for editors that declare
+  ``needs_history`` — the method state of the earlier active events, ``method_states``);
+* ``write_exact``: rewrite the tensors some deltas touch exactly as ``materialise`` writes them, so
+  an in-process sequence and a fresh process agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from kledger.editors.base import EditContext, Editor, EditResult, make_config
+from kledger.editors.registry import editor_class
+from kledger.ledger.compose import apply_deltas
+from kledger.ledger.records import Event, FactRequest
+from kledger.ledger.store import Ledger
+
+log = logging.getLogger(__name__)
+
+
+def make_editor(method: str, config: Mapping[str, Any] | None = None) -> Editor:
+    """The registered editor ``method`` with its config built from ``config`` (JSON or strings)."""
+    cls = editor_class(method)
+    return cls(make_config(cls.config_cls, dict(config or {})))
+
+
+def edit_context(ledger: Ledger, editor: Editor, states: Sequence[Mapping] = (), *, progress: bool = False,
+                 seed: int = 0, stats_corpus: str | None = None) -> EditContext:
+    """What an editor may know: the base fingerprint and cache, and (when it declares
+    ``needs_history``) ``states``, the method state of the earlier active events."""
+    return EditContext(
+        fingerprint=ledger.base_model().get("fingerprint", ""), cache_dir=ledger.cache_dir,
+        history={"states": [dict(s) for s in states]} if editor.needs_history else {},
+        progress=progress, seed=seed, stats_corpus=stats_corpus,
+    )
+
+
+def method_states(ledger: Ledger, method: str, events: Sequence[Event],
+                  cache: dict[str, dict] | None = None) -> list[dict]:
+    """The ``Delta.state`` of those ``events`` made by ``method`` (an editor's history).
+
+    ``cache``: event id → state, filled as states are read (an event's delta never changes, so a
+    long sequence reads each event's state once instead of once per later batch)."""
+    out = []
+    for e in events:
+        if e.method != method:
+            continue
+        st = cache.get(e.id) if cache is not None else None
+        if st is None:
+            st = dict(ledger.load_delta(e).state)
+            if cache is not None:
+                cache[e.id] = st
+        out.append(st)
+    return out
+
+
+def compute_edit(ledger: Ledger, model, tok, method: str, config: Mapping[str, Any] | None,
+                 requests: Sequence[FactRequest], states: Sequence[Mapping] = (), progress: bool = False,
+                 seed: int = 0, stats_corpus: str | None = None, **compute_kwargs: Any) -> list[EditResult]:
+    """Run ``method`` with a recorded ``config`` on ``requests``; ``states`` = its history.
+
+    ``stats_corpus``: the key-statistics corpus the original edits used, if not the default
+    (it is not recorded in the event; key statistics are cached per corpus)."""
+    editor = make_editor(method, config)
+    ctx = edit_context(ledger, editor, states, progress=progress, seed=seed, stats_corpus=stats_corpus)
+    return editor.compute(model, tok, list(requests), ctx, **compute_kwargs)
+
+
+def write_exact(model, deltas: Sequence[Any], base_value: Callable[[str, torch.Tensor], torch.Tensor | None]) -> bool:
+    """Rewrite every tensor ``deltas`` touch as ``materialise`` writes it: the base value
+    (``base_value(name, current)``) + the same fixed, chunked fp32 sum, cast once. Used after
+    each batch instead of keeping batch-by-batch additions, so the working model is bit for bit
+    the model a new process loads: a sequence continued tomorrow (or recomputed by a rebase)
+    computes exactly what one uninterrupted run computes. Returns False (and changes nothing)
+    when a base value is unavailable (e.g. a ``.bin`` checkpoint)."""
+    from kledger.ledger.compose import DEFAULT_CHUNK
+
+    params = dict(model.named_parameters())
+    names = sorted({n for d in deltas for n in d.tensors})
+    base = {n: base_value(n, params[n]) for n in names}
+    if any(v is None for v in base.values()):
+        log.debug("exact rewrite skipped: a base tensor is not in safetensors files")
+        return False
+    with torch.no_grad():
+        for n, v in base.items():
+            params[n].copy_(v)
+    if deltas:
+        apply_deltas(model, deltas, chunk=DEFAULT_CHUNK)
+    return True
