@@ -187,7 +187,9 @@ def _stats(ws, model, tok) -> dict:
                       history={}, progress=False, seed=0, stats_corpus=None)
     c0, desc = key_covariances(model, tok, layers, ctx, n_tokens=8192, seed=0)
     return {"layers": list(layers), "stats_tokens": desc["tokens"],
-            "stats_bytes": sum(c.numel() * c.element_size() for c in c0.values())}
+            # S: the five in×in statistics at the float64 precision of the solves (held in float32)
+            "stats_bytes": sum(c.numel() * 8 for c in c0.values()),
+            "stats_held_bytes": sum(c.numel() * c.element_size() for c in c0.values())}
 
 
 def run(args) -> None:

@@ -49,8 +49,9 @@ def render(rows: list[dict]) -> str:
            "Produced by `bench/model_scale.py` (see its docstring); rows in `model_scale.jsonl`.", "",
            f"- CPU: `{COMMAND_CPU}`", f"- GPU: `{COMMAND_GPU}`", "",
            "Peak: VmHWM of the operation's own process on CPU, `torch.cuda.max_memory_allocated` on GPU"
-           " (GiB, the loaded model included). W = the bfloat16 weight bytes, S = the float64 key statistics"
-           " of the five edited layers; the issue's CPU bar is peak ≤ 1.5×W + S. Seconds exclude loading"
+           " (GiB, the loaded model included). W = the bfloat16 weight bytes, S = the five edited layers'"
+           " in×in key statistics at the float64 precision of the solves (since this session they are held"
+           " in float32 between solves, half of S); the issue's CPU bar is peak ≤ 1.5×W + S. Seconds exclude loading"
            " the model (`load s`); `edit:` rows have a warm statistics cache (the `stats` row is the cold"
            " pass); steps = v* steps (MEMIT/AlphaEdit) or turns (UltraEdit; random weights never reach the"
            " target, so every turn is usually taken; 0 turns: the random model already ranks the target first"

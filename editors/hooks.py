@@ -214,8 +214,11 @@ class KeyAccumulator(_Hook):
             return
         x = torch.cat(self._buf)
         self._buf, self._rows = [], 0
-        block = (x.T @ x).double()
-        self.sum = block if self.sum is None else self.sum + block
+        block = x.T @ x  # fp32 block, summed into float64 in place (no float64 copy of the block)
+        if self.sum is None:
+            self.sum = block.double()
+        else:
+            self.sum.add_(block)
         self.count += x.shape[0]
 
 

@@ -178,7 +178,11 @@ def key_covariances(
     model: nn.Module, tok, layers: Sequence[int], ctx: EditContext, *, n_tokens: int, seq_len: int = 64,
     seed: int = 0,
 ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """``{layer: C0 (in×in, float64 holding float32-rounded values)}`` and a JSON description.
+    """``{layer: C0 (in×in, float32, on the layer's device)}`` and a JSON description.
+
+    float32 because the cached values are float32-rounded means (a hit and a miss agree bit for
+    bit); consumers widen one layer at a time for their float64 solves, so the five layers are held
+    once, at half the float64 size.
 
     The description (corpus kind and hash, tokens, cache keys, hit/miss, time) is what the ledger
     records with the event.
@@ -201,8 +205,8 @@ def key_covariances(
             result[l], counts[l] = loaded
             hits[l] = True
     devs = {l: model.get_parameter(sites.mlp_out_param(l)).device for l in layers}
-    for l in list(result):  # each C0 on its layer's device (GPU or a device map's part), float64
-        result[l] = result[l].to(devs[l]).double()
+    for l in list(result):  # each C0 on its layer's device (GPU or a device map's part)
+        result[l] = result[l].to(devs[l])
     missing = [l for l in layers if l not in result]
     if missing:
         sums, n = _accumulate(model, tok, sites, missing, ctx, corpus, n_tokens, seq_len, seed,
@@ -211,8 +215,7 @@ def key_covariances(
             c0 = (sums.pop(l) / n).float()  # float32-rounded mean: cache hits give the same values
             if cdir is not None:
                 _store(cdir / f"{keys[l]}.safetensors", c0, n, keys[l])
-            result[l], counts[l], hits[l] = c0.double(), n, False
-            del c0
+            result[l], counts[l], hits[l] = c0, n, False
     desc = {
         "format": FORMAT_VERSION,
         "corpus": {k: v for k, v in corpus.items() if k != "starts"},

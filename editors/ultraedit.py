@@ -239,13 +239,16 @@ def history_factor(H: torch.Tensor | None, lam: float, mu: float, C0: torch.Tens
     """Cholesky factor of ``A = μH + λ_c C0 + λI`` (float64, on the device of ``H``/``C0``), shared
     by every turn of a batch."""
     ref = H if H is not None else C0
-    A = torch.zeros(ref.shape[0], ref.shape[0], dtype=torch.float64, device=ref.device)
-    A.diagonal().fill_(lam)
+    if C0 is not None and lam_c:  # A starts as the float64 copy of C0, scaled in place: one in×in buffer
+        A = C0.to(ref.device, torch.float64, copy=True).mul_(lam_c)
+    else:
+        A = torch.zeros(ref.shape[0], ref.shape[0], dtype=torch.float64, device=ref.device)
+    A.diagonal().add_(lam)
     if H is not None and mu:
-        A.add_(mu * H.to(ref.device, torch.float64))  # same rounding as A + μH
-    if C0 is not None and lam_c:
-        A.add_(lam_c * C0.to(ref.device, torch.float64))
-    return torch.linalg.cholesky(A)
+        A.add_(H.to(ref.device, torch.float64), alpha=mu)
+    L = torch.linalg.cholesky(A)
+    del A
+    return L
 
 
 class UltraEditEditor(Editor):

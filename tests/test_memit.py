@@ -259,7 +259,7 @@ def test_alphaedit_update_spares_preserved_keys(tiny4, tmp_path):
     c0, _ = key_covariances(model, tok, [0, 1], ctx, n_tokens=cfg.stats_tokens, seq_len=cfg.stats_seq_len)
     sites = sites_for(model)
     for l in (0, 1):
-        evals, evecs = torch.linalg.eigh(c0[l])
+        evals, evecs = torch.linalg.eigh(c0[l].double())
         kept = evecs[:, evals >= 0.3 * evals.max()]  # the preserved subspace (large eigenvalues)
         assert kept.shape[1] > 0
         dW = sum(_dense(r.delta)[sites.mlp_out_param(l)] for r in res).double()
