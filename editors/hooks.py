@@ -28,6 +28,9 @@ from kledger.editors.sites import get_module
 
 #: rows of ``XᵀX`` blocks buffered by ``KeyAccumulator`` before they are multiplied out
 FLUSH_ROWS = 4096
+#: ... and at most this many buffered values (rows × width): 4096 rows of SmolLM2's 1536-wide keys;
+#: wider keys flush sooner (8192-wide: every 768 rows), so the buffers stay ~25 MB a layer at any width
+FLUSH_ELEMENTS = 4096 * 1536
 
 
 def _first(x):
@@ -204,7 +207,7 @@ class KeyAccumulator(_Hook):
             x = x[self.owner.mask.to(x.device)]
         self._buf.append(x.float())
         self._rows += x.shape[0]
-        if self._rows >= FLUSH_ROWS:
+        if self._rows >= FLUSH_ROWS or self._rows * x.shape[-1] >= FLUSH_ELEMENTS:
             self.flush()
         if self.stop:
             raise StopForward

@@ -212,7 +212,9 @@ def key_covariances(
         sums, n = _accumulate(model, tok, sites, missing, ctx, corpus, n_tokens, seq_len, seed,
                               _corpus_path(cdir, corpus, fp))
         for l in missing:  # one layer at a time, each fp64 sum freed once used: peak ≈ the sums
-            c0 = (sums.pop(l) / n).float()  # float32-rounded mean: cache hits give the same values
+            total = sums.pop(l)
+            c0 = total.div_(n).float()  # float32-rounded mean (in place: no float64 copy); hits give the same values
+            del total
             if cdir is not None:
                 _store(cdir / f"{keys[l]}.safetensors", c0, n, keys[l])
             result[l], counts[l], hits[l] = c0, n, False

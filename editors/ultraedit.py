@@ -246,9 +246,7 @@ def history_factor(H: torch.Tensor | None, lam: float, mu: float, C0: torch.Tens
     A.diagonal().add_(lam)
     if H is not None and mu:
         A.add_(H.to(ref.device, torch.float64), alpha=mu)
-    L = torch.linalg.cholesky(A)
-    del A
-    return L
+    return torch.linalg.cholesky(A, out=A)  # factorised in its own buffer (LAPACK's potrf is in place)
 
 
 class UltraEditEditor(Editor):
