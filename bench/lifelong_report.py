@@ -76,3 +76,31 @@ def write(names: list[str], runs: Path, results: Path) -> None:
     (results / "lifelong.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (results / "lifelong_table.md").write_text(table(rows) + "\n")
     plot(rows, results / "lifelong.png")
+
+
+def run_table(rows: list[dict]) -> str:
+    """One run's rows as lifelong.md's per-run table (all-edit, CounterFact and zsRE columns)."""
+    head = ("| edits | efficacy (all) | paraphrase (all) | CF efficacy / paraphrase | zsRE efficacy / paraphrase |"
+            " neighbourhood kept | retention drop | ppl ratio | KL | max ‖W−W₀‖/‖W₀‖ | s/edit (cumulative) |"
+            " s/audit | load |")
+    lines = [head, "|" + "---|" * 13]
+    for r in sorted(rows, key=lambda r: r["edits"]):
+        cf = f"{_fmt(r.get('cf_efficacy'))} / {_fmt(r.get('cf_paraphrase'))}"
+        zs = f"{_fmt(r.get('zsre_efficacy'))} / {_fmt(r.get('zsre_paraphrase'))}"
+        cells = [str(r["edits"]), _fmt(r.get("efficacy")), _fmt(r.get("paraphrase")), cf, zs,
+                 _fmt(r.get("neighbourhood_kept")), _fmt(r.get("retention_drop")), _fmt(r.get("ppl_ratio")),
+                 _fmt(r.get("kl")), _fmt(r.get("weight_rel")), f"{r.get('edit_s', 0):.2f}",
+                 f"{r.get('audit_s', 0):.1f}", f"{r.get('load', 0):.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def trial_table(rows: list[dict]) -> str:
+    """Short trials (one audit each): config, quality and cost side by side."""
+    keys = ("efficacy", "paraphrase", "neighbourhood_kept", "retention_drop", "kl", "ppl_ratio", "weight_rel",
+            "edit_retention", "edit_s", "load")
+    lines = ["| run | edits | config (`--set`) | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 3)]
+    for r in rows:
+        cfg = " ".join(r.get("set") or []) or "defaults"
+        lines.append(f"| {r['name']} | {r['edits']} | {cfg} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+    return "\n".join(lines)
