@@ -37,6 +37,11 @@ def _first(x):
     return x[0] if isinstance(x, tuple) else x
 
 
+def rows_at(x: torch.Tensor, bi: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rows ``x[bi, pos]`` (float64, detached), indexed on ``x``'s own device (split models)."""
+    return x[bi.to(x.device), pos.to(x.device)].detach().double()
+
+
 def input_device(model: nn.Module) -> torch.device:
     """The device token ids go to: the input embedding's (the first parameter's if none)."""
     get = getattr(model, "get_input_embeddings", None)

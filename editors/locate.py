@@ -49,7 +49,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from kledger.editors.hooks import StopAfter, StopForward, Trace, input_device
+from kledger.editors.hooks import StopAfter, StopForward, Trace, input_device, rows_at
 from kledger.editors.sites import Sites, num_layers
 from kledger.editors.stats import banned_ids, sample_continuations
 from kledger.editors.tokens import pad, pad_id
@@ -227,11 +227,9 @@ def keys_and_outputs(model: nn.Module, tok, sites: Sites, requests: Sequence[Fac
             except StopForward:
                 pass
             for l in key_layers:
-                x = kt[l].input  # on its layer's device (device maps)
-                keys[l].append(x[rows.to(x.device), pos.to(x.device)].double())
+                keys[l].append(rows_at(kt[l].input, rows, pos))  # on its layer's device (device maps)
             if ot is not None:
-                y = ot.output
-                outs.append(y[rows.to(y.device), pos.to(y.device)].double())
+                outs.append(rows_at(ot.output, rows, pos))
     K = {l: torch.cat(v).view(n, m, -1).mean(dim=1).T.contiguous() for l, v in keys.items()}
     H = torch.cat(outs).view(n, m, -1)[:, 0].T.contiguous() if outs else None
     return K, H

@@ -54,7 +54,7 @@ from kledger.editors.tokens import encode_pairs
 from kledger.editors.locate import default_layers, subject_last_index
 from kledger.editors.sites import Sites, num_layers, sites_for
 from kledger.editors.stats import key_covariances
-from kledger.editors.hooks import Trace, edit_output, input_device
+from kledger.editors.hooks import Trace, edit_output, input_device, rows_at
 from kledger.ledger.deltas import Delta, LowRankDelta
 from kledger.ledger.errors import NumericalError, UsageError
 from kledger.ledger.records import FactRequest
@@ -204,17 +204,12 @@ def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], request
         counts = torch.zeros(n, device=dev).index_add_(0, ri, torch.ones_like(tok_nll))
         per_req = torch.zeros(n, device=dev).index_add_(0, ri, tok_nll) / counts
         top1 = [bool(hit[ri == i].all()) for i in range(n)]
-        keys = {l: _rows_of(tr[l].input, ki, kp) for l in layers}  # each on its layer's device
+        keys = {l: rows_at(tr[l].input, ki, kp) for l in layers}  # each on its layer's device
         grads = {}
         if with_grad:
             gs = torch.autograd.grad(per_req.sum(), [outs[l] for l in layers])
-            grads = {l: _rows_of(g, ki, kp) for l, g in zip(layers, gs)}
+            grads = {l: rows_at(g, ki, kp) for l, g in zip(layers, gs)}
     return Turn(keys, grads, [i for i, _ in rows], top1, [float(x) for x in per_req.detach()])
-
-
-def _rows_of(x: torch.Tensor, bi: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Rows ``x[bi, pos]`` (float64, detached) on ``x``'s own device."""
-    return x[bi.to(x.device), pos.to(x.device)].detach().double()
 
 
 def ridge_factors(K: torch.Tensor, V: torch.Tensor, lam: float, H: torch.Tensor | None, mu: float,
