@@ -130,9 +130,9 @@ def run(args) -> None:
     ws = _workspace(workdir, args.model, args.threads)
     ledger = ws.ledger
     meta = {"name": args.name, "method": args.method, "set": args.set, "batch_size": args.batch_size,
-            "model": args.model, "threads": args.threads}
+            "model": args.model, "threads": args.threads, "start": args.start}
     (workdir / "meta.json").write_text(json.dumps(meta, indent=1))
-    items = stream(args.n)
+    items = stream(args.start + args.n)[args.start:]  # --start: a trial on a later segment (e.g. zsRE at 600)
     overrides = dict(kv.split("=", 1) for kv in args.set)
     base_loc = _base_locality(workdir, ws, items)
     auditor = None
@@ -157,7 +157,8 @@ def run(args) -> None:
             if auditor is None:
                 auditor = _auditor(ws)
             row = _measure(ws, auditor, items[:done], base_loc)
-            row.update(edits=done, name=args.name, method=args.method, set=args.set, edit_s=round(spent / done, 3),
+            row.update(edits=done, name=args.name, method=args.method, set=args.set, start=args.start,
+                       edit_s=round(spent / done, 3),
                        edit_s_window=round(window, 2), load=round(os.getloadavg()[0], 2),
                        at=_dt.datetime.now().isoformat(timespec="seconds"))
             with open(workdir / "rows.jsonl", "a") as fh:
@@ -202,6 +203,7 @@ def main() -> None:
     r.add_argument("--method", default="ultraedit")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--n", type=int, default=1000)
+    r.add_argument("--start", type=int, default=0, help="skip the stream's first START records (trials)")
     r.add_argument("--batch-size", type=int, default=10)
     r.add_argument("--audit-every", type=int, default=100)
     r.add_argument("--model", default="smollm2-135m")

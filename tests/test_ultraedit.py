@@ -205,3 +205,61 @@ def test_turns_stop_at_top1_and_an_answered_request_writes_nothing(tiny_llama_di
     [extra] = UltraEditEditor(UltraEditConfig(**cfg, extra_turns=1)).compute(model, tok, [REQS[1]], EditContext())
     assert plain.metrics["top1"] and 1 <= plain.metrics["turns"] < 8
     assert extra.metrics["turns"] == plain.metrics["turns"] + 1
+
+
+def test_answer_positions_are_the_subject_and_the_answer_tokens_that_predict_the_next(tiny_dir):
+    """positions="answer": the subject's last token plus the target's own tokens that predict its
+    next token (never the prompt's last token); "target" and "both" for comparison."""
+    from kledger.editors.locate import subject_last_index
+    from kledger.editors.sites import sites_for
+    from kledger.editors.tokens import encode_pairs
+    from kledger.editors.ultraedit import features
+
+    model, tok, _ = load_model(str(tiny_dir), "cpu")
+    req = FactRequest("The Eiffel Tower is located in the city of", " Rome and Milan", subject="The Eiffel Tower")
+    _, [(s, e)] = encode_pairs(tok, [req.prompt], [req.target_new], "cpu")
+    assert e - s >= 2  # a multi-token answer
+    ft = {p: features(model, tok, sites_for(model), (0,), [req], positions=p) for p in ("subject", "target", "both", "answer")}
+    assert {p: len(f.owners) for p, f in ft.items()} == {"subject": 1, "target": e - s, "both": e - s + 1, "answer": e - s}
+    both, answer = ft["both"].keys[0], ft["answer"].keys[0]  # both: subject, s−1, s, …; answer: subject, s, …
+    torch.testing.assert_close(answer, torch.cat([both[:1], both[2:]]), rtol=0, atol=0)
+    subj = subject_last_index(tok, req.prompt, req.subject)
+    assert subj < s - 1  # the subject ends before the prompt's last token, which "answer" leaves out
+    with pytest.raises(ValueError, match="positions must be one of"):
+        UltraEditConfig(positions="prompt")
+
+
+def _reset_peak() -> int | None:
+    """Reset the process's peak RSS (Linux ``clear_refs`` 5) and return the current RSS (KiB)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _peak_kib()
+    except OSError:
+        return None
+
+
+def _peak_kib() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
+
+def test_chol_solve_matches_solve_and_reads_the_factor_in_place():
+    """The ridge solve's ``A⁻¹B`` equals ``torch.linalg.solve``, and it allocates no copy of the
+    in×in factor (``torch.cholesky_solve`` did: +0.5 GiB a layer on the 1B shape's 8192-wide MLP)."""
+    from kledger.editors.ultraedit import chol_solve
+
+    g = torch.Generator().manual_seed(0)
+    n = 3072  # a 72 MiB float64 factor
+    X = torch.randn(n, n // 2, generator=g, dtype=torch.float64)
+    A = X @ X.T / n + torch.eye(n, dtype=torch.float64)
+    del X
+    L = torch.linalg.cholesky(A)
+    B = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(chol_solve(L, B), torch.linalg.solve(A, B), rtol=1e-9, atol=1e-9)
+    start = _reset_peak()
+    if start is None:
+        pytest.skip("peak RSS cannot be reset on this system")
+    chol_solve(L, B)
+    grown = (_peak_kib() - start) * 1024
+    assert grown < L.numel() * L.element_size() / 4, f"chol_solve grew the peak by {grown / 2**20:.0f} MiB"
