@@ -99,8 +99,10 @@ def trial_table(rows: list[dict]) -> str:
     """Short trials (one audit each): config, quality and cost side by side."""
     keys = ("efficacy", "paraphrase", "neighbourhood_kept", "retention_drop", "kl", "ppl_ratio", "weight_rel",
             "edit_retention", "edit_s", "load")
-    lines = ["| run | edits | config (`--set`) | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 3)]
+    lines = ["| run | stream records | config (`--set`) | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 3)]
     for r in rows:
         cfg = " ".join(r.get("set") or []) or "defaults"
-        lines.append(f"| {r['name']} | {r['edits']} | {cfg} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+        start = r.get("start") or 0  # --start: 0–599 CounterFact, 600– zsRE
+        span = f"{start}–{start + r['edits'] - 1} ({'zsRE' if start >= 600 else 'CF'})"
+        lines.append(f"| {r['name']} | {span} | {cfg} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
     return "\n".join(lines)
