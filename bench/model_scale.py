@@ -237,7 +237,7 @@ def _run_op(args, ledger_dir: Path, op: str) -> dict:
         return {"error": tail.strip().splitlines()[-1] if tail.strip() else f"exit {proc.returncode}",
                 "wall_s": wall, "load_before": round(load, 2)}
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    row.update(wall_s=wall, load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2))
+    row.update(wall_s=wall, load_before=round(load, 2), load_after=round(os.getloadavg()[0], 2), threads=args.threads)
     return row
 
 

@@ -123,7 +123,7 @@ def merge(app: App, branch: str, strategy: str, dry_run: bool, choose_ours, choo
         app.emit(data, "dry run: nothing was written")
         return
     ev, extra = do_merge(ledger, plan, strategy, branch=branch, message=message, device=app.device,
-                         progress=app.show_progress, **options)
+                         device_map=app.device_map, progress=app.show_progress, **options)
     data["merged"] = ev.id
     data.update(extra)
     app.emit(data, f"merged {branch} into {ledger.current_branch()}: {ev.describe()}")

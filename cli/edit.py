@@ -196,7 +196,8 @@ def revert(app: App, event: str, message: str | None, rebase: bool = False) -> N
     if rebase:
         from kledger.rebase import rebase_revert
 
-        res = rebase_revert(ledger, target.id, device=app.device, progress=app.show_progress, message=message)
+        res = rebase_revert(ledger, target.id, device=app.device, progress=app.show_progress, message=message,
+                            device_map=app.device_map)
         app.recorded.extend(res.reverts + res.added)
         text = [f"reverted {event} → {res.reverts[0].target} and recomputed {res.recomputed} later edits"
                 f" ({len(res.added)} new events) in {res.seconds:.1f} s"]

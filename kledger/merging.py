@@ -95,8 +95,10 @@ class Resolve(Strategy):
     options = (Option("stats_corpus", str, None,
                       "resolve: the key-statistics corpus the edits were made with, if not the default.", True),)
 
-    def run(self, ledger, plan, *, device, progress, stats_corpus: str | None = None, **options) -> Outcome:
-        delta, info = resolve(ledger, plan, device=device, progress=progress, stats_corpus=stats_corpus)
+    def run(self, ledger, plan, *, device, progress, stats_corpus: str | None = None, device_map: str | None = None,
+            **options) -> Outcome:
+        delta, info = resolve(ledger, plan, device=device, progress=progress, stats_corpus=stats_corpus,
+                              device_map=device_map)
         return Outcome(delta, info["method"], info["requests"] or None, tuple(info["recomputed"]),
                        config={"methods": info["methods"]}, metrics={"resolve": info["metrics"]},
                        details={"resolve": {k: v for k, v in info.items() if k != "requests"}})
@@ -132,10 +134,11 @@ def prepare(ledger: "Ledger", branch: str, choose_ours: Sequence[str] = (), choo
 
 def do_merge(ledger: "Ledger", plan: "MergePlan", strategy_name: str = "sum", *, branch: str,
              message: str | None = None, device: str = "auto", progress: bool = False,
-             **options: Any) -> tuple[Event, dict]:
+             device_map: str | None = None, **options: Any) -> tuple[Event, dict]:
     """Append the merge event for ``plan`` with the strategy; returns it and the strategy's details.
 
-    ``options``: the strategies' options (``all_options``); those of other strategies are ignored."""
+    ``options``: the strategies' options (``all_options``); those of other strategies are ignored.
+    ``device_map``: where a strategy that loads the model (``resolve``) splits it across devices."""
     s = strategy(strategy_name)
     known = {o.name for o in all_options()}
     unknown = sorted(set(options) - known)
@@ -146,7 +149,7 @@ def do_merge(ledger: "Ledger", plan: "MergePlan", strategy_name: str = "sum", *,
     own = {o.name: o.default if options.get(o.name) is None else options[o.name] for o in s.options}
     dropped = plan.dropped()
     t0 = time.perf_counter()
-    out = s.run(ledger, plan, device=device, progress=progress, **own)
+    out = s.run(ledger, plan, device=device, progress=progress, device_map=device_map, **own)
     config: dict[str, Any] = {"strategy": s.name, "theirs": branch, "theirs_head": plan.theirs.id,
                               "supersedes": dropped + list(out.supersedes),
                               "choices": {c.fact: c.choice for c in plan.conflicts}} | (out.config or {})
@@ -167,7 +170,7 @@ def _batch_solves(method: str | None) -> bool:
 
 
 def resolve(ledger: "Ledger", plan: "MergePlan", *, device: str, progress: bool,
-            stats_corpus: str | None = None) -> tuple[Any, dict]:
+            stats_corpus: str | None = None, device_map: str | None = None) -> tuple[Any, dict]:
     """Re-solve the union of both sides' batch-method requests in one solve per method+config,
     starting from the merged active set without those edits (so edits of other methods and
     both sides' reverts are already in the model)."""
@@ -193,7 +196,7 @@ def resolve(ledger: "Ledger", plan: "MergePlan", *, device: str, progress: bool,
     recomputed = {e.id for g in groups.values() for e in g}
     drop = set(plan.dropped())
     start = [i for i in plan.merged_live if i not in recomputed and i not in drop]
-    model, tok, start_events = Workspace(ledger, device=device).model_with(start)
+    model, tok, start_events = Workspace(ledger, device=device, device_map=device_map).model_with(start)
     deltas = []
     done: dict[str, list[dict]] = {}
     t0 = time.perf_counter()

@@ -101,10 +101,12 @@ def _plan_rebase(ledger: Ledger, target_ref: str) -> RebasePlan:
 
 
 def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", progress: bool = False,
-                  message: str | None = None, model_tok=None, stats_corpus: str | None = None) -> RebaseResult:
+                  message: str | None = None, model_tok=None, stats_corpus: str | None = None,
+                  device_map: str | None = None) -> RebaseResult:
     """Revert ``target_ref`` and recompute every later active edit as if it had never happened.
 
     ``model_tok``: an already loaded *base* model and tokenizer to use (it is modified).
+    ``device_map``: split the model across devices, as ``Workspace(device_map=...)``.
     """
     from kledger.ledger.compose import apply_deltas
     from kledger.editing import compute_edit, method_states, write_exact
@@ -112,7 +114,7 @@ def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", prog
 
     t0 = time.perf_counter()
     plan = plan_rebase(ledger, target_ref)
-    ws = Workspace(ledger, device=device)
+    ws = Workspace(ledger, device=device, device_map=device_map)
     if model_tok is None:
         model, tok, prefix_events = ws.model_with(plan.prefix)
     else:

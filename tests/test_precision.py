@@ -282,6 +282,36 @@ def test_cli_takes_device_map(led, tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_rebase_and_resolve_merge_take_the_device_map(tiny_llama_dir, tmp_path, monkeypatch):
+    """`revert --rebase` and `merge --strategy resolve` load models too: the map reaches them."""
+    import kledger.workspace as W
+
+    seen = []
+    real = W.load_model
+
+    def spy(*a, **kw):
+        seen.append(kw.get("device_map"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(W, "load_model", spy)
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps(SPLIT))
+    ledger = _init(tmp_path / "w", tiny_llama_dir)
+    ws = Workspace(ledger, device="cpu")
+    first = ws.add([EIFFEL], method="ultraedit", overrides=ULTRA)[0]
+    ledger.create_branch("side")
+    ws.add([NILE], method="ultraedit", overrides=ULTRA)
+    ledger.set_current_branch("side")
+    Workspace(ledger, device="cpu").add([JOBS], method="ultraedit", overrides=ULTRA)
+    ledger.set_current_branch("main")
+    seen.clear()
+    for args in (["revert", first.id, "--rebase"], ["merge", "side", "--strategy", "resolve"]):
+        r = run_cli(["--device", "cpu", "--device-map", str(mapping), *args], tmp_path / "w")
+        assert r.exit_code == 0, r.output
+        assert seen and all(m == str(mapping) for m in seen), (args, seen)
+        seen.clear()
+
+
 # --- preserved ---------------------------------------------------------------------------------
 def test_preserved_saves_only_the_named_parameters(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
