@@ -67,9 +67,13 @@ def test_model_commands_match_their_schemas(led, tmp_path):
         assert r.exit_code == 0, r.output
         return _check(args[0], r.output)
 
-    r = invoke(["init", "--model", Ledger.open(led).base_model()["path"], "--dir", tmp_path / "other", "--json"],
-               catch_exceptions=False)
-    _check("init", r.output)
+    r = invoke(["init", "--model", Ledger.open(led).base_model()["path"], "--dir", tmp_path / "other", "--json",
+                "--dtype", "bfloat16"], catch_exceptions=False)
+    base = _check("init", r.output)["base_model"]
+    assert base["dtype"] == "bfloat16"
+    for p in DOCS.glob("*.schema.json"):  # every schema documents every field init records
+        documented = json.loads(p.read_text()).get("$defs", {}).get("base_model", {}).get("properties")
+        assert documented is None or set(base) <= set(documented), (p.name, sorted(set(base) - set(documented)))
     run("add", "The Eiffel Tower is located in the city of", " Rome", "--method", "kne", "--set", "max_steps=2")
     run("generate", "The sky is", "-n", "2")
     run("export", tmp_path / "full")
