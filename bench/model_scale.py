@@ -10,7 +10,7 @@ Shapes (random weights from a config, no download; built once and saved in bfloa
 Vocabulary 128,256 (Llama 3); the tokenizer is SmolLM2's (``--tokenizer``, default the offline
 ``smollm2-135m`` alias folder), whose ids all fall inside that vocabulary. Per shape a ledger is made
 with ``init_ledger(..., dtype="bfloat16")`` and each operation runs in a fresh subprocess, so its
-peak memory is its own: **stats** (the one-pass key statistics of the layers the methods read, 8,192 sampled
+peak memory is its own: **stats** (the one-pass key statistics of the default layers, 8,192 sampled
 tokens, cold cache), **edit:METHOD** for MEMIT, AlphaEdit and UltraEdit (``Workspace.add`` of one
 fact, statistics cache warm; the seconds are the edit alone), **materialise** (HEAD onto a freshly
 loaded base) and **export** (the full model folder). Peak memory is the process's VmHWM on CPU and
@@ -175,27 +175,21 @@ def worker(args) -> dict:
 
 
 def _stats(ws, model, tok) -> dict:
-    """Cold key statistics of the layers the methods read: MEMIT/AlphaEdit's window
-    (``locate.default_layers``) and UltraEdit's (``ultraedit.default_layers``), in one pass."""
-    from kledger.editors import ultraedit
+    """Cold key statistics of the default layers (what MEMIT/AlphaEdit/UltraEdit read)."""
     from kledger.editors.base import EditContext
     from kledger.editors.locate import default_layers
     from kledger.editors.sites import num_layers
     from kledger.editors.stats import key_covariances
 
-    n = num_layers(model)
-    per_method = {"locate": default_layers(n), "ultraedit": ultraedit.default_layers(n)}
-    layers = tuple(sorted(set().union(*per_method.values())))
+    layers = default_layers(num_layers(model))
     shutil.rmtree(Path(ws.ledger.cache_dir) / "keystats", ignore_errors=True)
     ctx = EditContext(fingerprint=ws.ledger.base_model()["fingerprint"], cache_dir=ws.ledger.cache_dir,
                       history={}, progress=False, seed=0, stats_corpus=None)
     c0, desc = key_covariances(model, tok, layers, ctx, n_tokens=8192, seed=0)
-    # S: the statistics one edit reads (one method's five in×in matrices) at the float64 precision
-    # of the solves (held in float32)
-    one = max(per_method.values(), key=lambda ls: sum(c0[l].numel() for l in ls))
     return {"layers": list(layers), "stats_tokens": desc["tokens"],
-            "stats_bytes": sum(c0[l].numel() * 8 for l in one),
-            "stats_held_bytes": sum(c0[l].numel() * c0[l].element_size() for l in one)}
+            # S: the five in×in statistics at the float64 precision of the solves (held in float32)
+            "stats_bytes": sum(c.numel() * 8 for c in c0.values()),
+            "stats_held_bytes": sum(c.numel() * c.element_size() for c in c0.values())}
 
 
 def run(args) -> None:

@@ -51,7 +51,7 @@ import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
 from kledger.editors.tokens import encode_pairs
-from kledger.editors.locate import subject_last_index
+from kledger.editors.locate import default_layers, subject_last_index
 from kledger.editors.sites import Sites, num_layers, sites_for
 from kledger.editors.stats import key_covariances
 from kledger.editors.hooks import Trace, edit_output, input_device, rows_at
@@ -63,22 +63,15 @@ log = logging.getLogger(__name__)
 POSITIONS = ("subject", "target", "both", "answer")
 
 
-def default_layers(n_layers: int) -> tuple[int, ...]:
-    """UltraEdit's edited layers: 5 consecutive layers from ~7 % depth (2–6 of SmolLM2-135M's 30;
-    all layers of a model with ≤ 5). Earlier than the locate-then-edit window (``locate``: 4–8): on the
-    lifelong benchmark's first 100 CounterFact edits (bench/results/lifelong.md) the retention drop
-    was 0.033 at 2–6, 0.027 at 1–5 (efficacy 0.93), 0.071 at 4–8, 0.148 at 6–10 and 0.186 at 8–12."""
-    if n_layers <= 5:
-        return tuple(range(n_layers))
-    start = min(max(1, round(0.07 * n_layers)), n_layers - 5)
-    return tuple(range(start, start + 5))
-
-
 @dataclass(frozen=True)
 class UltraEditConfig:
     """UltraEdit hyper-parameters (defaults measured; see the module docstring)."""
 
-    layers: tuple[int, ...] | None = None  # None: default_layers(num_layers(model)) (2–6 of 30)
+    # None: locate.default_layers(num_layers(model)), 4–8 of 30. Earlier windows looked better on 100
+    # edits (2–6: retention drop 0.033 vs 0.071) and were worse from 200 on (2–6 at 400: 0.306 vs
+    # 0.284, KL 0.233 vs 0.062): at early layers a subject's last-token key is mostly the token itself
+    # (bench/results/lifelong.md, "Earlier layers")
+    layers: tuple[int, ...] | None = None
     lr: float = 2.5e-3  # value shift per turn = −lr·‖k‖²·ĝ (small steps: less overshoot past top-1)
     ridge: float = 1e2  # λ of the ridge solve
     history_weight: float = 1.0  # μ: weight of earlier UltraEdit events' keys (0: off, no keys stored)

@@ -263,14 +263,3 @@ def test_chol_solve_matches_solve_and_reads_the_factor_in_place():
     chol_solve(L, B)
     grown = (_peak_kib() - start) * 1024
     assert grown < L.numel() * L.element_size() / 4, f"chol_solve grew the peak by {grown / 2**20:.0f} MiB"
-
-
-def test_default_layers_start_earlier_than_the_locate_window():
-    """UltraEdit's window (measured on the lifelong benchmark) sits two layers before MEMIT's on
-    SmolLM2-135M's 30 layers, and stays inside small models."""
-    from kledger.editors import locate, ultraedit
-
-    assert ultraedit.default_layers(30) == (2, 3, 4, 5, 6) and locate.default_layers(30) == (4, 5, 6, 7, 8)
-    assert ultraedit.default_layers(16) == (1, 2, 3, 4, 5)
-    assert ultraedit.default_layers(6) == (1, 2, 3, 4, 5)
-    assert ultraedit.default_layers(4) == (0, 1, 2, 3)
