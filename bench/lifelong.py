@@ -191,6 +191,31 @@ def _measure(ws, auditor, items, base_loc) -> dict:
     return row
 
 
+def lost(args) -> None:
+    """The known facts the run's current model lost, and how many still start with the base's first
+    answer token (the audit's test is the whole greedy answer of up to 3 tokens); JSON on stdout."""
+    from kledger.audit.figures import answers_hold  # noqa: PLC0415
+    from kledger.auditing import probe_set  # noqa: PLC0415
+
+    ws = _workspace(RUNS / args.name, args.model, args.threads)
+    base, tok, _ = ws.load_base()
+    facts = list(probe_set(ws.ledger, base, tok)[0].facts)
+    del base
+    model, tok = ws.working()
+    gone = [f for f, h in zip(facts, answers_hold(model, tok, facts)) if not h[0]]
+    first = [(p, tok.decode(tok(a, add_special_tokens=False)["input_ids"][:1])) for p, a in gone]
+    kept = sum(h[0] for h in answers_hold(model, tok, first))
+    out = {"run": args.name, "edits": _done(ws.ledger, _meta(RUNS / args.name).get("method", "ultraedit")),
+           "facts": len(facts), "lost": len(gone), "lost_keeping_first_token": kept,
+           "first_token_drop": round((len(gone) - kept) / max(len(facts), 1), 4), "lost_facts": gone}
+    print(json.dumps(out))
+
+
+def _meta(workdir: Path) -> dict:
+    p = workdir / "meta.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
 _COLS = ("efficacy", "paraphrase", "neighbourhood_kept", "retention_drop", "ppl_ratio", "kl", "weight_rel",
          "edit_s", "audit_s")
 
@@ -210,10 +235,16 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=2)
     w = sub.add_parser("write", help="table + plot from the runs' rows")
     w.add_argument("names", nargs="*")
+    lo = sub.add_parser("lost", help="the known facts a run's current model lost (JSON)")
+    lo.add_argument("name")
+    lo.add_argument("--model", default="smollm2-135m")
+    lo.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cmd == "run":
         run(args)
+    elif args.cmd == "lost":
+        lost(args)
     else:
         from lifelong_report import write  # noqa: PLC0415
 
