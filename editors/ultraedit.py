@@ -74,7 +74,10 @@ class UltraEditConfig:
     layers: tuple[int, ...] | None = None
     lr: float = 2.5e-3  # value shift per turn = −lr·‖k‖²·ĝ (small steps: less overshoot past top-1)
     ridge: float = 1e2  # λ of the ridge solve
-    history_weight: float = 1.0  # μ: weight of earlier UltraEdit events' keys (0: off, no keys stored)
+    # μ: weight of earlier UltraEdit events' keys (0: off, no keys stored). 10 since the sixth session:
+    # over the lifelong stream the retention drop at 300 / 400 edits was 0.164 / 0.186 against
+    # 0.257 / 0.284 with μ 1 (bench/results/lifelong.md)
+    history_weight: float = 10.0
     max_turns: int = 40  # closed-form turns per batch at most (lr × max_turns bounds the push)
     extra_turns: int = 0  # turns a request keeps taking after its target became top-1
     norm_prior: float = 16.0  # pseudo-rows of the isotropic prior of the lifelong normaliser
