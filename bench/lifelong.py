@@ -239,12 +239,20 @@ def main() -> None:
     lo.add_argument("name")
     lo.add_argument("--model", default="smollm2-135m")
     lo.add_argument("--threads", type=int, default=1)
+    da = sub.add_parser("damage", help="which positions and edited tensors carry a run's lost facts (JSON)")
+    da.add_argument("name")
+    da.add_argument("--model", default="smollm2-135m")
+    da.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cmd == "run":
         run(args)
     elif args.cmd == "lost":
         lost(args)
+    elif args.cmd == "damage":
+        from lifelong_damage import main as damage  # noqa: PLC0415
+
+        damage(_workspace(RUNS / args.name, args.model, args.threads), args.name)
     else:
         from lifelong_report import write  # noqa: PLC0415
 

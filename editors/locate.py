@@ -196,8 +196,11 @@ def context_templates(model: nn.Module, tok, n: int, length: int, seed: int) -> 
 @torch.no_grad()
 def keys_and_outputs(model: nn.Module, tok, sites: Sites, requests: Sequence[FactRequest], templates: Sequence[str],
                      key_layers: Sequence[int], out_layer: int | None = None,
-                     rows_per_pass: int = 96) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+                     rows_per_pass: int = 96, average: bool = True) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
     """Keys ``{layer: K (in×n float64)}`` averaged over templates; ``H`` (d×n) at ``out_layer``.
+
+    With ``average=False`` the keys are per template: ``K`` is in×(n·m), request-major (the
+    columns of request ``i`` are ``i·m … i·m + m − 1``, in template order).
 
     ``H`` is block ``out_layer``'s output at the subject's last token of the raw prompt (template
     0). One forward pass per chunk of rows, stopped after the highest layer needed.
@@ -230,6 +233,9 @@ def keys_and_outputs(model: nn.Module, tok, sites: Sites, requests: Sequence[Fac
                 keys[l].append(rows_at(kt[l].input, rows, pos))  # on its layer's device (device maps)
             if ot is not None:
                 outs.append(rows_at(ot.output, rows, pos))
-    K = {l: torch.cat(v).view(n, m, -1).mean(dim=1).T.contiguous() for l, v in keys.items()}
+    if average:
+        K = {l: torch.cat(v).view(n, m, -1).mean(dim=1).T.contiguous() for l, v in keys.items()}
+    else:
+        K = {l: torch.cat(v).T.contiguous() for l, v in keys.items()}
     H = torch.cat(outs).view(n, m, -1)[:, 0].T.contiguous() if outs else None
     return K, H

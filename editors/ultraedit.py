@@ -51,10 +51,11 @@ import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
 from kledger.editors.tokens import encode_pairs
-from kledger.editors.locate import default_layers, subject_last_index
+from kledger.editors.locate import context_templates, default_layers, keys_and_outputs, subject_last_index
 from kledger.editors.sites import Sites, num_layers, sites_for
+from kledger.editors.entitystats import entity_covariances
 from kledger.editors.stats import key_covariances
-from kledger.editors.hooks import Trace, edit_output, input_device, rows_at
+from kledger.editors.hooks import LogitsAt, Trace, edit_output, input_device, rows_at
 from kledger.ledger.deltas import Delta, LowRankDelta
 from kledger.ledger.errors import NumericalError, UsageError
 from kledger.ledger.records import FactRequest
@@ -86,8 +87,16 @@ class UltraEditConfig:
     positions: str = "subject"  # rows: "subject" (its last token), "target" (tokens predicting the target),
     # "both", or "answer": the subject's last token and the target's own tokens that predict its next
     # one (not the prompt's last token, whose key is a generic word shared by countless contexts)
+    # > 0: the subject's key is also read under this many context prefixes sampled from the model
+    # (MEMIT's context templates, once per batch) and each such row gets its prompt row's value, so the
+    # update answers the subject in other contexts too (paraphrases); needs a subject row (positions ≠ target)
+    context_prefixes: int = 0
+    prefix_tokens: int = 10  # tokens per context prefix
     preserve_weight: float = 5000.0  # λ_c: weight of the preserved-key covariance C0 (0: the paper's, no statistics)
     stats_tokens: int = 8192  # tokens of the key-statistics corpus when preserve_weight > 0
+    # λ_e: weight of C_ent, the covariance of the corpus's keys at names only (editors/entitystats.py):
+    # the keys through which a sequence damages known facts; 0: off
+    entity_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list):
@@ -96,10 +105,15 @@ class UltraEditConfig:
             raise ValueError(f"layers must be a non-empty list of integers, found {self.layers!r}")
         if not self.lr > 0 or not self.ridge > 0:
             raise ValueError(f"lr and ridge must be > 0, found {self.lr} and {self.ridge}")
-        if self.history_weight < 0 or self.norm_prior < 0 or self.norm_eps < 0 or self.preserve_weight < 0:
-            raise ValueError("history_weight, norm_prior and norm_eps must be ≥ 0")
+        if min(self.history_weight, self.norm_prior, self.norm_eps, self.preserve_weight, self.entity_weight) < 0:
+            raise ValueError("history_weight, norm_prior, norm_eps, preserve_weight and entity_weight must be ≥ 0")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, found {self.positions!r}")
+        if self.context_prefixes < 0 or self.prefix_tokens < 1:
+            raise ValueError(f"context_prefixes must be ≥ 0 and prefix_tokens ≥ 1, found {self.context_prefixes}, "
+                             f"{self.prefix_tokens}")
+        if self.context_prefixes and self.positions == "target":
+            raise ValueError("context_prefixes needs the subject's row: use positions subject, both or answer")
         if self.max_turns < 1 or self.extra_turns < 0:
             raise ValueError(f"max_turns must be ≥ 1 and extra_turns ≥ 0, found {self.max_turns}, {self.extra_turns}")
 
@@ -207,8 +221,17 @@ def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], request
               for l in layers}
         for l in layers:
             stack.enter_context(edit_output(model, sites.mlp_out.format(l), grab(l)))
-        out = model(**enc, use_cache=False).logits
-        logits = out[ri.to(out.device), rp.to(out.device)].float().to(dev)  # split models: logits on the last device
+        # the LM head sees only each row's target-predicting positions (padded by repeating the last)
+        width = max(e - s for s, e in spans)
+        index = torch.tensor([[s - 1 + min(t, e - s - 1) for t in range(width)] for s, e in spans], device=dev)
+        with LogitsAt(model, index) as head:
+            out = model(**enc, use_cache=False).logits
+            hooked = head.handle is not None
+        if hooked:  # row i's target token t is at column t
+            col = torch.tensor([p - s + 1 for (i, p), (s, _) in ((hr, spans[hr[0]]) for hr in hit_rows)], device=dev)
+        else:
+            col = rp
+        logits = out[ri.to(out.device), col.to(out.device)].float().to(dev)  # split models: logits on the last device
         logp = torch.log_softmax(logits, dim=-1)
         tok_nll = -logp.gather(1, tgt[:, None])[:, 0]
         hit = logits.argmax(-1) == tgt
@@ -222,6 +245,29 @@ def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], request
             gs = torch.autograd.grad(per_req.sum(), [outs[l] for l in layers])
             grads = {l: rows_at(g, ki, kp) for l, g in zip(layers, gs)}
     return Turn(keys, grads, [i for i, _ in rows], top1, [float(x) for x in per_req.detach()])
+
+
+def context_keys(model: nn.Module, tok, sites: Sites, layers: Sequence[int], requests: Sequence[FactRequest],
+                 cfg: UltraEditConfig, seed: int) -> dict[int, torch.Tensor]:
+    """Per layer ``(n, m, in)``: each request's subject key under ``m`` sampled context prefixes."""
+    templates = context_templates(model, tok, cfg.context_prefixes, cfg.prefix_tokens, seed)[1:]
+    K, _ = keys_and_outputs(model, tok, sites, requests, templates, layers, average=False)
+    return {l: K[l].T.reshape(len(requests), len(templates), -1) for l in layers}
+
+
+def _with_context_rows(K: torch.Tensor, Gn: torch.Tensor, V: torch.Tensor, owners: list[int],
+                       ctx_k: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Append each active request's context-prefix keys as rows whose value direction is its
+    prompt row's (the first row it owns: the subject's): ``v = −lr·‖k‖²·ĝ``."""
+    first: dict[int, int] = {}
+    for j, o in enumerate(owners):
+        first.setdefault(o, j)
+    order = sorted(first)
+    m = ctx_k.shape[1]
+    P = torch.cat([ctx_k[i] for i in order]).to(K.device, K.dtype)
+    src = torch.tensor([first[i] for i in order for _ in range(m)], device=Gn.device)
+    Vp = -lr * (P * P).sum(1, keepdim=True).to(Gn.dtype) * Gn[src]
+    return torch.cat([K, P]), torch.cat([V, Vp.to(V.dtype)]), owners + [i for i in order for _ in range(m)]
 
 
 def ridge_factors(K: torch.Tensor, V: torch.Tensor, lam: float, H: torch.Tensor | None, mu: float,
@@ -250,9 +296,9 @@ def chol_solve(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def history_factor(H: torch.Tensor | None, lam: float, mu: float, C0: torch.Tensor | None = None,
-                   lam_c: float = 0.0) -> torch.Tensor:
-    """Cholesky factor of ``A = μH + λ_c C0 + λI`` (float64, on the device of ``H``/``C0``), shared
-    by every turn of a batch."""
+                   lam_c: float = 0.0, Ce: torch.Tensor | None = None, lam_e: float = 0.0) -> torch.Tensor:
+    """Cholesky factor of ``A = μH + λ_c C0 + λ_e C_ent + λI`` (float64, on the device of
+    ``H``/``C0``), shared by every turn of a batch."""
     ref = H if H is not None else C0
     if C0 is not None and lam_c:  # A starts as the float64 copy of C0, scaled in place: one in×in buffer
         A = C0.to(ref.device, torch.float64, copy=True).mul_(lam_c)
@@ -261,6 +307,8 @@ def history_factor(H: torch.Tensor | None, lam: float, mu: float, C0: torch.Tens
     A.diagonal().add_(lam)
     if H is not None and mu:
         A.add_(H.to(ref.device, torch.float64), alpha=mu)
+    if Ce is not None and lam_e:
+        A.add_(Ce.to(ref.device), alpha=lam_e)  # widened element-wise: no float64 copy of C_ent
     return torch.linalg.cholesky(A, out=A)  # factorised in its own buffer (LAPACK's potrf is in place)
 
 
@@ -303,15 +351,20 @@ class UltraEditEditor(Editor):
         stats = {l: _state_stats(states, l, dims[l][1]) for l in layers}
         devs = {l: model.get_parameter(params[l]).device for l in layers}
         c0: dict[int, torch.Tensor] = {}
-        if cfg.preserve_weight > 0:
+        if cfg.preserve_weight > 0 or cfg.entity_weight > 0:
             c0, self._stats_desc = key_covariances(model, tok, layers, ctx, n_tokens=cfg.stats_tokens, seed=ctx.seed)
+        cent: dict[int, torch.Tensor] = {}
+        if cfg.entity_weight > 0:
+            cent, self._stats_desc["entity"] = entity_covariances(model, tok, layers, ctx, n_tokens=cfg.stats_tokens,
+                                                                  seed=ctx.seed)
         chol: dict[int, torch.Tensor] = {}
         for l in layers:  # one layer at a time, its C0 and H freed once factorised: peak ≈ one set of in×in
             H = _history_keys(states, l, dims[l][0], devs[l]) if cfg.history_weight > 0 else None
-            C0 = c0.pop(l, None)
+            C0, Ce = c0.pop(l, None), cent.pop(l, None)
             if H is not None or C0 is not None:
-                chol[l] = history_factor(H, cfg.ridge, cfg.history_weight, C0, cfg.preserve_weight)
-            del H, C0
+                chol[l] = history_factor(H, cfg.ridge, cfg.history_weight, C0, cfg.preserve_weight, Ce, cfg.entity_weight)
+            del H, C0, Ce
+        ctx_keys = context_keys(model, tok, sites, layers, requests, cfg, ctx.seed) if cfg.context_prefixes else None
         u = {l: [[] for _ in range(n)] for l in layers}  # per request: list of (out×r) pieces
         v = {l: [[] for _ in range(n)] for l in layers}
         mine = {l: [GradStats.zeros(dims[l][1]) for _ in range(n)] for l in layers}
@@ -350,10 +403,15 @@ class UltraEditEditor(Editor):
                     for i in set(owners):
                         sel = torch.tensor([j for j, o in enumerate(owners) if o == i])
                         mine[l][i] = mine[l][i] + GradStats.of(G[sel])
-                        keys[l][i].append(K[sel].float().cpu())
                     stats[l] = stats[l] + GradStats.of(G)
                     Gn = stats[l].normalise(G, cfg.norm_prior, cfg.norm_eps).to(K.device)
                     V = -cfg.lr * (K * K).sum(1, keepdim=True) * Gn  # rows × out
+                    row_owners = owners
+                    if ctx_keys is not None:
+                        K, V, row_owners = _with_context_rows(K, Gn, V, owners, ctx_keys[l], cfg.lr)
+                    for i in set(row_owners):
+                        sel = torch.tensor([j for j, o in enumerate(row_owners) if o == i])
+                        keys[l][i].append(K[sel].float().cpu())
                     M = ridge_factors(K, V, cfg.ridge, None, 0.0, chol.get(l))  # in × rows (history is in chol)
                     if not (torch.isfinite(V).all() and torch.isfinite(M).all()):
                         raise NumericalError(f"ultraedit: the solve at layer {l} produced NaN/Inf")
@@ -363,8 +421,8 @@ class UltraEditEditor(Editor):
                     w = model.get_parameter(params[l])
                     with torch.no_grad():
                         w.addmm_(U_.to(w.device, w.dtype), V_.to(w.device, w.dtype).T)
-                    for i in set(owners):
-                        sel = torch.tensor([j for j, o in enumerate(owners) if o == i], device=U_.device)
+                    for i in set(row_owners):
+                        sel = torch.tensor([j for j, o in enumerate(row_owners) if o == i], device=U_.device)
                         u[l][i].append(U_[:, sel].cpu())
                         v[l][i].append(V_[:, sel].cpu())
             final = features(model, tok, sites, layers, requests, with_grad=False)

@@ -263,3 +263,88 @@ def test_chol_solve_matches_solve_and_reads_the_factor_in_place():
     chol_solve(L, B)
     grown = (_peak_kib() - start) * 1024
     assert grown < L.numel() * L.element_size() / 4, f"chol_solve grew the peak by {grown / 2**20:.0f} MiB"
+
+
+def test_features_read_logits_only_where_targets_are_predicted(tiny_dir):
+    """The LM head runs only at each row's target-predicting positions (``LogitsAt``); the
+    per-request NLL and top-1 flags equal those of the full logits, for targets of unequal length."""
+    from kledger.editors.sites import sites_for
+    from kledger.editors.tokens import encode_pairs
+    from kledger.editors.ultraedit import features
+
+    model, tok, _ = load_model(str(tiny_dir), "cpu")
+    reqs = [REQS[0], FactRequest(REQS[1].prompt, " English and French too", subject=REQS[1].subject), REQS[2]]
+    ft = features(model, tok, sites_for(model), (0,), reqs, with_grad=False, positions="subject")
+    enc, spans = encode_pairs(tok, [r.prompt for r in reqs], [r.target_new for r in reqs], "cpu")
+    assert len({e - s for s, e in spans}) > 1
+    with torch.no_grad():
+        logp = torch.log_softmax(model(**enc).logits.float(), -1)
+    for i, (s, e) in enumerate(spans):
+        ids = enc["input_ids"][i, s:e]
+        lp = logp[i, s - 1:e - 1]
+        assert ft.nll[i] == pytest.approx(float(-lp.gather(1, ids[:, None]).mean()), rel=1e-5, abs=1e-6)
+        assert ft.top1[i] == bool((lp.argmax(-1) == ids).all())
+
+
+def test_context_prefix_rows_carry_the_prompt_rows_value(tiny_dir):
+    """context_prefixes=m: each request writes 1 + m key rows per layer (its prompt's subject row and
+    the subject under m sampled prefixes, the keys keys_and_outputs reads); the shares still sum to
+    the batch update, and the update differs from the one without them."""
+    from kledger.editors.locate import context_templates, keys_and_outputs
+    from kledger.editors.sites import sites_for
+
+    model, tok, _ = load_model(str(tiny_dir), "cpu")
+    cfg = UltraEditConfig(**CFG, context_prefixes=2, prefix_tokens=3)
+    res = UltraEditEditor(cfg).compute(model, tok, REQS[:2], EditContext())
+    layers = res[0].ensemble["layers"]
+    templates = context_templates(model, tok, 2, 3, 0)[1:]
+    K, _ = keys_and_outputs(model, tok, sites_for(model), REQS[:2], templates, layers, average=False)
+    Kavg, _ = keys_and_outputs(model, tok, sites_for(model), REQS[:2], templates, layers)
+    for l in layers:
+        torch.testing.assert_close(K[l].view(K[l].shape[0], 2, 2).mean(2), Kavg[l])
+    for j, r in enumerate(res):
+        turns = r.metrics["turns"]
+        for l in layers:
+            keys = r.delta.state[f"keys.{l}"]
+            assert keys.shape[1] == 3 * turns  # per turn: the prompt's row and 2 context rows
+            if l == layers[0]:  # the first edited layer's keys come before any edit in the batch
+                torch.testing.assert_close(keys[:, 1:3], K[l][:, 2 * j:2 * j + 2].float())
+    whole = UltraEditEditor(UltraEditConfig(**CFG, context_prefixes=2, prefix_tokens=3, split_batch=False)
+                            ).compute(model, tok, REQS[:2], EditContext())
+    total = {}
+    for r in res:
+        for k, v in _dense(r.delta).items():
+            total[k] = total.get(k, 0) + v
+    for k, v in _dense(whole[0].delta).items():
+        torch.testing.assert_close(total[k], v, rtol=1e-5, atol=1e-6)
+    plain = UltraEditEditor(UltraEditConfig(**CFG)).compute(model, tok, REQS[:2], EditContext())
+    assert plain[0].delta.state[f"keys.{layers[0]}"].shape[1] == plain[0].metrics["turns"]
+    assert any(not torch.allclose(v, _dense(plain[0].delta)[k]) for k, v in _dense(res[0].delta).items())
+    with pytest.raises(ValueError, match="context_prefixes needs the subject"):
+        UltraEditConfig(context_prefixes=1, positions="target")
+
+
+def test_entity_weight_adds_the_name_key_covariance_to_the_preservation_term(tmp_path, tiny_llama_dir, monkeypatch):
+    """entity_weight = λ_e: the solve's factor is that of μH + λ_c C0 + λ_e C_ent + λI (the factor is
+    captured and compared with one built from the two covariances), and the ensemble records both."""
+    import kledger.editors.ultraedit as U
+    from kledger.editors.entitystats import entity_covariances
+    from kledger.editors.stats import key_covariances
+
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Yesterday Alice Smith met Bob Jones in Paris, London and Rome with Carol.\n\n" * 4)
+    ctx = EditContext(cache_dir=tmp_path / "cache", stats_corpus=str(corpus))
+    cfg = UltraEditConfig(**CFG, layers=(1,), history_weight=0, preserve_weight=3.0, entity_weight=7.0,
+                          stats_tokens=128)
+    seen = []
+    real = U.history_factor
+    monkeypatch.setattr(U, "history_factor", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    [res] = UltraEditEditor(cfg).compute(model, tok, [REQS[0]], ctx)
+    C0, _ = key_covariances(model, tok, [1], ctx, n_tokens=128)
+    Ce, _ = entity_covariances(model, tok, [1], ctx, n_tokens=128)
+    A = 3.0 * C0[1].double() + 7.0 * Ce[1].double() + CFG["ridge"] * torch.eye(C0[1].shape[0], dtype=torch.float64)
+    torch.testing.assert_close(seen[0] @ seen[0].T, A)
+    assert res.ensemble["stats"]["entity"]["tokens"] > 0
+    with pytest.raises(ValueError, match="entity_weight must be ≥ 0"):
+        UltraEditConfig(entity_weight=-1.0)

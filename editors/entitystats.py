@@ -1,0 +1,142 @@
+"""Entity-key statistics: ``C_ent = E[k kᵀ]`` over the tokens of capitalised words (names) only.
+
+The key-statistics corpus (``editors.stats``: sampled from the model, or the user's file) is mostly
+function words and common nouns; names are a small share of it, so ``C0`` barely constrains an
+update at the keys of *entities*. Those are the keys a lifelong UltraEdit sequence damages: on
+smollm2-135m, with the update of a 1,000-edit sequence applied only at the known-fact prompts'
+tokens before the last one, 39 of the 52 lost facts stay lost; applied only at the answer's
+positions, 10; only at the prompt's last token, 6 (bench/results/lifelong.md, "Where the damage
+is"). ``C_ent`` weighs exactly those keys; UltraEdit adds ``λ_e·C_ent`` to its preservation term.
+
+A token counts when it belongs to a word that starts with an upper-case letter and is not the
+first word of a sentence (the corpus's ``The``/``In`` openings are not names): a word starts at a
+token whose text begins with whitespace or follows punctuation, and continues over the
+following tokens that begin with a letter or digit (so the last piece of `` Darrieux`` counts).
+
+The same corpus windows as ``C0`` (the sampled corpus's cached ids, or the file's windows), one
+stopped forward pass; cached per layer under ``keystats/`` with the corpus hash prefixed ``entity:``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from kledger.editors import stats as S
+from kledger.editors.base import EditContext
+from kledger.editors.hooks import KeyAccumulator, StopForward, input_device
+from kledger.editors.sites import sites_for
+from kledger.editors.tokens import pad, pad_id
+from kledger.ledger.errors import UsageError
+
+log = logging.getLogger(__name__)
+_SENTENCE_END = (".", "!", "?", "\n", ":", '"')
+
+
+def entity_mask(pieces: Sequence[str]) -> list[bool]:
+    """Per token text: is it part of a capitalised word that does not open a sentence?"""
+    out: list[bool] = []
+    in_name, prev_char = False, "."  # the window's first word opens a sentence
+    for p in pieces:
+        body = p.lstrip()
+        if not body:  # whitespace only
+            in_name = False
+            prev_char = "\n" if "\n" in p else (prev_char if prev_char in _SENTENCE_END else " ")
+            out.append(False)
+            continue
+        new_word = p[:1].isspace() or not prev_char.isalnum()
+        if not body[:1].isalnum():  # punctuation ends a word
+            in_name = False
+        elif new_word:
+            opens_sentence = prev_char in _SENTENCE_END or (p[:1].isspace() and "\n" in p)
+            in_name = body[:1].isupper() and not opens_sentence and body.rstrip() != "I"
+        out.append(in_name and body[:1].isalnum())
+        prev_char = body.rstrip()[-1:] or prev_char
+        if not prev_char.isalnum():
+            in_name = False
+    return out
+
+
+def _windows(model, tok, ctx: EditContext, corpus: dict, n_tokens: int, seq_len: int, seed: int,
+             corpus_path: Path | None) -> list[list[int]]:
+    if corpus["kind"] == "file":
+        return S._file_windows(tok, S._read_documents(Path(corpus["path"])), seq_len, n_tokens)
+    n_seq = math.ceil(n_tokens / seq_len)
+    cached = S._load_ids(corpus_path)
+    if cached is not None and cached.shape[1] == seq_len and cached.shape[0] >= n_seq:
+        return cached[:n_seq].tolist()
+    dev, bsz = input_device(model), corpus["batch"]  # the same draws as editors.stats (batch b: seed (seed, b))
+    starts = [tok(w, add_special_tokens=False)["input_ids"][0] for w in S.START_WORDS]
+    out: list[list[int]] = []
+    for b in range(math.ceil(n_seq / bsz)):
+        start = torch.tensor([[starts[j % len(starts)]] for j in range(b * bsz, (b + 1) * bsz)], device=dev)
+        gen = torch.Generator().manual_seed(S._batch_seed(seed, b))
+        out.extend(S.sample_continuations(model, start, seq_len, gen, S.SAMPLE_TOP_K, S.banned_ids(tok))[:, :seq_len]
+                   .tolist())
+    return out[:n_seq]
+
+
+@torch.no_grad()
+def entity_covariances(model: nn.Module, tok, layers: Sequence[int], ctx: EditContext, *, n_tokens: int,
+                       seq_len: int = 64, seed: int = 0) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """``{layer: C_ent (in×in float32, on the layer's device)}`` and a JSON description."""
+    t0 = time.perf_counter()
+    sites = sites_for(model)
+    layers = sorted(set(int(l) for l in layers))
+    corpus = S.corpus_descriptor(ctx, seq_len, seed)
+    fp = S._model_fingerprint(model, ctx)
+    cdir = Path(ctx.cache_dir) / "keystats" if ctx.cache_dir is not None else None
+    keys = {l: S.cache_key(fp, sites.mlp_out_param(l), l, "entity:" + corpus["sha256"], n_tokens, seq_len)
+            for l in layers}
+    found = {l: S._load(cdir / f"{keys[l]}.safetensors") for l in layers} if cdir is not None else {}
+    if cdir is None or any(v is None for v in found.values()):
+        windows = _windows(model, tok, ctx, corpus, n_tokens, seq_len, seed, S._corpus_path(cdir, corpus, fp))
+        sums, n = _accumulate(model, tok, sites, layers, windows, seq_len)
+        found = {}
+        for l in layers:
+            c = sums.pop(l).div_(n).float()
+            if cdir is not None:
+                S._store(cdir / f"{keys[l]}.safetensors", c, n, keys[l])
+            found[l] = (c, n)
+    devs = {l: model.get_parameter(sites.mlp_out_param(l)).device for l in layers}
+    result = {l: found[l][0].to(devs[l]) for l in layers}
+    desc = {"kind": "entity", "tokens": int(found[layers[0]][1]), "corpus": corpus["sha256"],
+            "cache_keys": {str(l): keys[l] for l in layers}, "time_s": round(time.perf_counter() - t0, 3)}
+    return result, desc
+
+
+def _accumulate(model, tok, sites, layers: list[int], windows: list[list[int]], seq_len: int):
+    class _State:
+        mask: torch.Tensor | None = None
+
+    state = _State()
+    dev = input_device(model)
+    text = {i: tok.decode([i]) for w in windows for i in w}
+    with contextlib.ExitStack() as stack:
+        accs = {l: stack.enter_context(KeyAccumulator(model, sites.mlp_out.format(l), state)) for l in layers}
+        accs[layers[-1]].stop = True
+        bsz = max(1, 8192 // seq_len)
+        for c in range(0, len(windows), bsz):
+            chunk = windows[c:c + bsz]
+            ids, mask = pad(chunk, pad_id(tok), dev)
+            ent = torch.zeros_like(mask, dtype=torch.bool)
+            for r, w in enumerate(chunk):
+                ent[r, :len(w)] = torch.tensor(entity_mask([text[i] for i in w]), dtype=torch.bool)
+            state.mask = (ent & mask.bool()).view(-1)
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except StopForward:
+                pass
+        for a in accs.values():
+            a.flush()
+    n = accs[layers[0]].count
+    if n == 0 or accs[layers[0]].sum is None:
+        raise UsageError("entity statistics: the corpus has no capitalised words inside sentences")
+    return {l: a.sum for l, a in accs.items()}, n

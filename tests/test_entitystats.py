@@ -1,0 +1,46 @@
+"""Entity-key statistics: which tokens count as names, and C_ent against a direct computation."""
+
+from __future__ import annotations
+
+import torch
+
+from kledger.editors.base import EditContext
+from kledger.editors.entitystats import entity_covariances, entity_mask
+from kledger.editors.models import load_model
+
+
+def test_entity_mask_marks_names_inside_sentences_only():
+    pieces = ["The", " mother", " tongue", " of", " Dani", "elle", " Dar", "rie", "ux", " is", " French", ".",
+              " In", " 1990", ",", " I", " met", " IBM", "'s", " boss", "\n", "New", " York"]
+    marked = [p for p, m in zip(pieces, entity_mask(pieces)) if m]
+    # sentence openings (The, In, New after a newline) and the pronoun I are not names; 's ends the word
+    assert marked == [" Dani", "elle", " Dar", "rie", "ux", " French", " IBM", " York"]
+
+
+def test_entity_covariance_is_the_mean_outer_product_at_name_tokens(tmp_path, tiny_llama_dir):
+    from kledger.editors.hooks import Trace
+    from kledger.editors.sites import sites_for
+
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Yesterday Alice Smith met Bob in Paris and London.\n\nthe cat saw Mary there.\n\n")
+    ctx = EditContext(cache_dir=tmp_path / "cache", stats_corpus=str(corpus))
+    C, desc = entity_covariances(model, tok, [0, 1], ctx, n_tokens=64, seq_len=16)
+    again, _ = entity_covariances(model, tok, [0, 1], ctx, n_tokens=64, seq_len=16)  # from the cache
+    sites = sites_for(model)
+    rows = {0: [], 1: []}
+    for doc in corpus.read_text().split("\n\n"):
+        if not doc.strip():
+            continue
+        ids = tok(doc.strip(), add_special_tokens=False)["input_ids"][:16]
+        mask = torch.tensor(entity_mask([tok.decode([i]) for i in ids]))
+        with Trace(model, sites.mlp_out.format(0), retain_input=True, retain_output=False) as t0, \
+                Trace(model, sites.mlp_out.format(1), retain_input=True, retain_output=False) as t1:
+            model(input_ids=torch.tensor([ids]))
+        rows[0].append(t0.input[0][mask])
+        rows[1].append(t1.input[0][mask])
+    for l in (0, 1):
+        K = torch.cat(rows[l]).double()
+        assert desc["tokens"] == K.shape[0] > 0
+        torch.testing.assert_close(C[l], (K.T @ K / K.shape[0]).float(), rtol=1e-4, atol=1e-6)
+        assert torch.equal(C[l], again[l])
