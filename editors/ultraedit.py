@@ -51,7 +51,7 @@ import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
 from kledger.editors.tokens import encode_pairs
-from kledger.editors.locate import context_templates, default_layers, keys_and_outputs, subject_last_index
+from kledger.editors.locate import context_templates, keys_and_outputs, subject_last_index
 from kledger.editors.sites import Sites, num_layers, sites_for
 from kledger.editors.entitystats import entity_covariances
 from kledger.editors.stats import key_covariances
@@ -64,14 +64,23 @@ log = logging.getLogger(__name__)
 POSITIONS = ("subject", "target", "both", "answer")
 
 
+def ultraedit_layers(n_layers: int) -> tuple[int, ...]:
+    """UltraEdit's window: 4 consecutive layers from 10 % of the depth (SmolLM2-135M, 30 layers: 3–6),
+    earlier and narrower than MEMIT's (``locate.default_layers``); models of ≤ 4 layers edit all."""
+    if n_layers <= 4:
+        return tuple(range(n_layers))
+    start = min(max(1, round(0.1 * n_layers)), n_layers - 4)
+    return tuple(range(start, start + 4))
+
+
 @dataclass(frozen=True)
 class UltraEditConfig:
     """UltraEdit hyper-parameters (defaults measured; see the module docstring)."""
 
-    # None: locate.default_layers(num_layers(model)), 4–8 of 30. Earlier windows looked better on 100
-    # edits (2–6: retention drop 0.033 vs 0.071) and were worse from 200 on (2–6 at 400: 0.306 vs
-    # 0.284, KL 0.233 vs 0.062): at early layers a subject's last-token key is mostly the token itself
-    # (bench/results/lifelong.md, "Earlier layers")
+    # None: ultraedit_layers(num_layers(model)), 3–6 of 30 since the seventh session. The damage of a
+    # 4–8 sequence sat in layers 7–8 (`bench/lifelong.py damage`); at 300 edits 3–6 lost 0.055 of the
+    # known facts against 0.164 (3–7: 0.104); 2–6 was worse than 4–8 from 300 on (KL 0.224: at layer 2
+    # a subject's last-token key is mostly the token piece) (bench/results/lifelong.md)
     layers: tuple[int, ...] | None = None
     lr: float = 2.5e-3  # value shift per turn = −lr·‖k‖²·ĝ (small steps: less overshoot past top-1)
     ridge: float = 1e2  # λ of the ridge solve
@@ -331,7 +340,7 @@ class UltraEditEditor(Editor):
         cfg, requests = self.config, list(requests)
         sites = sites_for(model)
         n_layers = num_layers(model)
-        layers = tuple(sorted(set(cfg.layers))) if cfg.layers is not None else default_layers(n_layers)
+        layers = tuple(sorted(set(cfg.layers))) if cfg.layers is not None else ultraedit_layers(n_layers)
         if any(not 0 <= l < n_layers for l in layers):
             raise UsageError(f"ultraedit: expected layers in [0, {n_layers}), found {list(layers)}")
         params = {l: sites.mlp_out_param(l) for l in layers}

@@ -348,3 +348,14 @@ def test_entity_weight_adds_the_name_key_covariance_to_the_preservation_term(tmp
     assert res.ensemble["stats"]["entity"]["tokens"] > 0
     with pytest.raises(ValueError, match="entity_weight must be ≥ 0"):
         UltraEditConfig(entity_weight=-1.0)
+
+
+def test_ultraedit_layers_by_depth():
+    from kledger.editors.ultraedit import ultraedit_layers
+
+    assert ultraedit_layers(2) == (0, 1)
+    assert ultraedit_layers(4) == (0, 1, 2, 3)
+    assert ultraedit_layers(30) == (3, 4, 5, 6)  # SmolLM2-135M (bench/results/lifelong.md)
+    assert ultraedit_layers(32) == (3, 4, 5, 6)
+    assert ultraedit_layers(16) == (2, 3, 4, 5)
+    assert ultraedit_layers(5) == (1, 2, 3, 4)
