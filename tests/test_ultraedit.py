@@ -28,6 +28,16 @@ def _dense(delta):
     return {k: td.to_dense() for k, td in delta.tensors.items()}
 
 
+def _assert_shares_sum_to(shares, whole) -> None:
+    """The per-request results' dense deltas sum to the one-result (split_batch=False) delta."""
+    total = {}
+    for r in shares:
+        for k, v in _dense(r.delta).items():
+            total[k] = total.get(k, 0) + v
+    for k, v in _dense(whole.delta).items():
+        torch.testing.assert_close(total[k], v, rtol=1e-5, atol=1e-6)
+
+
 def test_ridge_factors_match_lstsq():
     """ΔWᵀ = argmin ‖K ΔWᵀ − V‖² + μ‖L ΔWᵀ‖² + λ‖ΔWᵀ‖² (H = LᵀL), with and without history."""
     g = torch.Generator().manual_seed(0)
@@ -96,12 +106,7 @@ def test_shares_sum_to_the_batch_update(tiny_dir):
     split = UltraEditEditor(UltraEditConfig(**CFG)).compute(model, tok, REQS, EditContext())
     whole = UltraEditEditor(UltraEditConfig(**CFG, split_batch=False)).compute(model, tok, REQS, EditContext())
     assert len(split) == 4 and len(whole) == 1
-    total = {}
-    for r in split:
-        for k, v in _dense(r.delta).items():
-            total[k] = total.get(k, 0) + v
-    for k, v in _dense(whole[0].delta).items():
-        torch.testing.assert_close(total[k], v, rtol=1e-5, atol=1e-6)
+    _assert_shares_sum_to(split, whole[0])
     for key in whole[0].delta.state:
         if key.startswith("g"):
             torch.testing.assert_close(sum(r.delta.state[key] for r in split), whole[0].delta.state[key])
@@ -311,12 +316,7 @@ def test_context_prefix_rows_carry_the_prompt_rows_value(tiny_dir):
                 torch.testing.assert_close(keys[:, 1:3], K[l][:, 2 * j:2 * j + 2].float())
     whole = UltraEditEditor(UltraEditConfig(**CFG, context_prefixes=2, prefix_tokens=3, split_batch=False)
                             ).compute(model, tok, REQS[:2], EditContext())
-    total = {}
-    for r in res:
-        for k, v in _dense(r.delta).items():
-            total[k] = total.get(k, 0) + v
-    for k, v in _dense(whole[0].delta).items():
-        torch.testing.assert_close(total[k], v, rtol=1e-5, atol=1e-6)
+    _assert_shares_sum_to(res, whole[0])
     plain = UltraEditEditor(UltraEditConfig(**CFG)).compute(model, tok, REQS[:2], EditContext())
     assert plain[0].delta.state[f"keys.{layers[0]}"].shape[1] == plain[0].metrics["turns"]
     assert any(not torch.allclose(v, _dense(plain[0].delta)[k]) for k, v in _dense(res[0].delta).items())
@@ -359,3 +359,25 @@ def test_ultraedit_layers_by_depth():
     assert ultraedit_layers(32) == (3, 4, 5, 6)
     assert ultraedit_layers(16) == (2, 3, 4, 5)
     assert ultraedit_layers(5) == (1, 2, 3, 4)
+
+
+def test_step_growth_scales_each_turn_by_the_requests_turn_count(tiny_llama_dir):
+    """step_growth g: the t-th turn's value rows are g^t times those of g = 1 (same first turn; the
+    second turn of a request that is not done yet writes g× the step, from the same state)."""
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    cfg = dict(CFG, max_turns=1)
+    [one] = UltraEditEditor(UltraEditConfig(**cfg)).compute(model, tok, [REQS[1]], EditContext())
+    [grown] = UltraEditEditor(UltraEditConfig(**cfg, step_growth=3.0)).compute(model, tok, [REQS[1]], EditContext())
+    for k, v in _dense(one.delta).items():  # turn 0: g^0 = 1
+        torch.testing.assert_close(_dense(grown.delta)[k], v)
+    two = dict(CFG, max_turns=2)
+    [a] = UltraEditEditor(UltraEditConfig(**two)).compute(model, tok, [REQS[1]], EditContext())
+    [b] = UltraEditEditor(UltraEditConfig(**two, step_growth=3.0)).compute(model, tok, [REQS[1]], EditContext())
+    assert a.metrics["turns"] == b.metrics["turns"] == 2
+    name = next(iter(a.delta.tensors))
+    ua, ub = a.delta.tensors[name], b.delta.tensors[name]
+    out_a, out_b = ua.u, ub.u  # Llama's down_proj: u holds the value side (out × turns); turn 1 is 3×
+    torch.testing.assert_close(out_b[:, 0], out_a[:, 0])
+    torch.testing.assert_close(out_b[:, 1], 3.0 * out_a[:, 1], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="step_growth must be ≥ 1"):
+        UltraEditConfig(step_growth=0.5)
