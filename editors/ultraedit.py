@@ -40,7 +40,6 @@ Defaults were chosen on the lifelong benchmark (bench/lifelong.py; bench/results
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -50,12 +49,10 @@ import torch
 import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
-from kledger.editors.tokens import encode_pairs
-from kledger.editors.locate import context_templates, keys_and_outputs, subject_last_index
-from kledger.editors.sites import Sites, num_layers, sites_for
+from kledger.editors.ultraedit_rows import _with_context_rows, context_keys, features
+from kledger.editors.sites import num_layers, sites_for
 from kledger.editors.entitystats import entity_covariances
 from kledger.editors.stats import key_covariances
-from kledger.editors.hooks import LogitsAt, Trace, edit_output, input_device, rows_at
 from kledger.ledger.deltas import Delta, LowRankDelta
 from kledger.ledger.errors import NumericalError, UsageError
 from kledger.ledger.records import FactRequest
@@ -188,102 +185,6 @@ def _history_keys(states: Sequence[Mapping[str, torch.Tensor]], layer: int, dim:
     return K @ K.T
 
 
-@dataclass
-class Turn:
-    """One forward/backward pass: per layer keys (rows×in) and grads (rows×out), row owners, success."""
-
-    keys: dict[int, torch.Tensor]
-    grads: dict[int, torch.Tensor]
-    owners: list[int]  # request index of each row
-    top1: list[bool]  # per request of the pass: every target token is the argmax
-    nll: list[float]
-
-
-def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], requests: Sequence[FactRequest],
-             with_grad: bool = True, positions: str = "target") -> Turn:
-    """Keys and output gradients at the positions that predict target tokens (one padded batch)."""
-    dev = input_device(model)  # inputs go where the embedding is (device maps)
-    enc, spans = encode_pairs(tok, [r.prompt for r in requests], [r.target_new for r in requests], dev)
-    rows = []
-    for i, (r, (s, e)) in enumerate(zip(requests, spans)):
-        if positions in ("subject", "both", "answer"):
-            if r.subject is None:
-                raise UsageError(f"ultraedit positions={positions!r} needs a subject; found none for {r.prompt!r}")
-            rows.append((i, subject_last_index(tok, r.prompt, r.subject)))
-        if positions in ("target", "both"):
-            rows.extend((i, p) for p in range(s - 1, e - 1))
-        elif positions == "answer":  # inside the answer: the key of target token t predicts token t+1
-            rows.extend((i, p) for p in range(s, e - 1))
-    hit_rows = [(i, p) for i, (s, e) in enumerate(spans) for p in range(s - 1, e - 1)]
-    ri = torch.tensor([i for i, _ in hit_rows], device=dev)
-    rp = torch.tensor([p for _, p in hit_rows], device=dev)
-    tgt = enc["input_ids"][ri, rp + 1]
-    ki = torch.tensor([i for i, _ in rows], device=dev)
-    kp = torch.tensor([p for _, p in rows], device=dev)
-    outs: dict[int, torch.Tensor] = {}
-
-    def grab(l: int):
-        def fn(h: torch.Tensor) -> torch.Tensor:
-            if with_grad and not h.requires_grad:  # parameters are frozen: make the output a leaf
-                h = h.detach().requires_grad_(True)
-            outs[l] = h
-            return h
-        return fn
-
-    with contextlib.ExitStack() as stack, torch.set_grad_enabled(with_grad):
-        tr = {l: stack.enter_context(Trace(model, sites.mlp_out.format(l), retain_input=True, retain_output=False))
-              for l in layers}
-        for l in layers:
-            stack.enter_context(edit_output(model, sites.mlp_out.format(l), grab(l)))
-        # the LM head sees only each row's target-predicting positions (padded by repeating the last)
-        width = max(e - s for s, e in spans)
-        index = torch.tensor([[s - 1 + min(t, e - s - 1) for t in range(width)] for s, e in spans], device=dev)
-        with LogitsAt(model, index) as head:
-            out = model(**enc, use_cache=False).logits
-            hooked = head.handle is not None
-        if hooked:  # row i's target token t is at column t
-            col = torch.tensor([p - s + 1 for (i, p), (s, _) in ((hr, spans[hr[0]]) for hr in hit_rows)], device=dev)
-        else:
-            col = rp
-        logits = out[ri.to(out.device), col.to(out.device)].float().to(dev)  # split models: logits on the last device
-        logp = torch.log_softmax(logits, dim=-1)
-        tok_nll = -logp.gather(1, tgt[:, None])[:, 0]
-        hit = logits.argmax(-1) == tgt
-        n = len(requests)
-        counts = torch.zeros(n, device=dev).index_add_(0, ri, torch.ones_like(tok_nll))
-        per_req = torch.zeros(n, device=dev).index_add_(0, ri, tok_nll) / counts
-        top1 = [bool(hit[ri == i].all()) for i in range(n)]
-        keys = {l: rows_at(tr[l].input, ki, kp) for l in layers}  # each on its layer's device
-        grads = {}
-        if with_grad:
-            gs = torch.autograd.grad(per_req.sum(), [outs[l] for l in layers])
-            grads = {l: rows_at(g, ki, kp) for l, g in zip(layers, gs)}
-    return Turn(keys, grads, [i for i, _ in rows], top1, [float(x) for x in per_req.detach()])
-
-
-def context_keys(model: nn.Module, tok, sites: Sites, layers: Sequence[int], requests: Sequence[FactRequest],
-                 cfg: UltraEditConfig, seed: int) -> dict[int, torch.Tensor]:
-    """Per layer ``(n, m, in)``: each request's subject key under ``m`` sampled context prefixes."""
-    templates = context_templates(model, tok, cfg.context_prefixes, cfg.prefix_tokens, seed)[1:]
-    K, _ = keys_and_outputs(model, tok, sites, requests, templates, layers, average=False)
-    return {l: K[l].T.reshape(len(requests), len(templates), -1) for l in layers}
-
-
-def _with_context_rows(K: torch.Tensor, Gn: torch.Tensor, V: torch.Tensor, owners: list[int],
-                       ctx_k: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Append each active request's context-prefix keys as rows whose value direction is its
-    prompt row's (the first row it owns: the subject's): ``v = −lr·‖k‖²·ĝ``."""
-    first: dict[int, int] = {}
-    for j, o in enumerate(owners):
-        first.setdefault(o, j)
-    order = sorted(first)
-    m = ctx_k.shape[1]
-    P = torch.cat([ctx_k[i] for i in order]).to(K.device, K.dtype)
-    src = torch.tensor([first[i] for i in order for _ in range(m)], device=Gn.device)
-    Vp = -lr * (P * P).sum(1, keepdim=True).to(Gn.dtype) * Gn[src]
-    return torch.cat([K, P]), torch.cat([V, Vp.to(V.dtype)]), owners + [i for i in order for _ in range(m)]
-
-
 def ridge_factors(K: torch.Tensor, V: torch.Tensor, lam: float, H: torch.Tensor | None, mu: float,
                   chol: torch.Tensor | None = None) -> torch.Tensor:
     """``M = S⁻¹Kᵀ`` (in×rows, float64) with ``S = KᵀK + μH + λI``, so that ``ΔW = Vᵀ Mᵀ``.
@@ -378,7 +279,8 @@ class UltraEditEditor(Editor):
             if H is not None or C0 is not None:
                 chol[l] = history_factor(H, cfg.ridge, cfg.history_weight, C0, cfg.preserve_weight, Ce, cfg.entity_weight)
             del H, C0, Ce
-        ctx_keys = context_keys(model, tok, sites, layers, requests, cfg, ctx.seed) if cfg.context_prefixes else None
+        ctx_keys = (context_keys(model, tok, sites, layers, requests, cfg.context_prefixes, cfg.prefix_tokens, ctx.seed)
+                    if cfg.context_prefixes else None)
         u = {l: [[] for _ in range(n)] for l in layers}  # per request: list of (out×r) pieces
         v = {l: [[] for _ in range(n)] for l in layers}
         mine = {l: [GradStats.zeros(dims[l][1]) for _ in range(n)] for l in layers}
