@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -64,25 +63,6 @@ def entity_mask(pieces: Sequence[str]) -> list[bool]:
     return out
 
 
-def _windows(model, tok, ctx: EditContext, corpus: dict, n_tokens: int, seq_len: int, seed: int,
-             corpus_path: Path | None) -> list[list[int]]:
-    if corpus["kind"] == "file":
-        return S._file_windows(tok, S._read_documents(Path(corpus["path"])), seq_len, n_tokens)
-    n_seq = math.ceil(n_tokens / seq_len)
-    cached = S._load_ids(corpus_path)
-    if cached is not None and cached.shape[1] == seq_len and cached.shape[0] >= n_seq:
-        return cached[:n_seq].tolist()
-    dev, bsz = input_device(model), corpus["batch"]  # the same draws as editors.stats (batch b: seed (seed, b))
-    starts = [tok(w, add_special_tokens=False)["input_ids"][0] for w in S.START_WORDS]
-    out: list[list[int]] = []
-    for b in range(math.ceil(n_seq / bsz)):
-        start = torch.tensor([[starts[j % len(starts)]] for j in range(b * bsz, (b + 1) * bsz)], device=dev)
-        gen = torch.Generator().manual_seed(S._batch_seed(seed, b))
-        out.extend(S.sample_continuations(model, start, seq_len, gen, S.SAMPLE_TOP_K, S.banned_ids(tok))[:, :seq_len]
-                   .tolist())
-    return out[:n_seq]
-
-
 @torch.no_grad()
 def entity_covariances(model: nn.Module, tok, layers: Sequence[int], ctx: EditContext, *, n_tokens: int,
                        seq_len: int = 64, seed: int = 0) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
@@ -97,7 +77,7 @@ def entity_covariances(model: nn.Module, tok, layers: Sequence[int], ctx: EditCo
             for l in layers}
     found = {l: S._load(cdir / f"{keys[l]}.safetensors") for l in layers} if cdir is not None else {}
     if cdir is None or any(v is None for v in found.values()):
-        windows = _windows(model, tok, ctx, corpus, n_tokens, seq_len, seed, S._corpus_path(cdir, corpus, fp))
+        windows = S.corpus_windows(model, tok, corpus, n_tokens, seq_len, seed, S._corpus_path(cdir, corpus, fp))
         sums, n = _accumulate(model, tok, sites, layers, windows, seq_len)
         found = {}
         for l in layers:

@@ -300,6 +300,39 @@ def _batch_seed(seed: int, b: int) -> int:
     return (seed * 1_000_003 + b) % (2**63 - 1)
 
 
+class CorpusSampler:
+    """The sampled corpus's batch ``b``: ``bsz`` sequences of ``seq_len`` tokens from the start words,
+    seeded with ``(seed, b)``, so a corpus of n tokens is a prefix of any larger one (the one
+    definition of the sampled corpus, used by ``key_covariances`` and ``corpus_windows``)."""
+
+    def __init__(self, model: nn.Module, tok, bsz: int, seq_len: int, seed: int) -> None:
+        self.model, self.bsz, self.seq_len, self.seed = model, bsz, seq_len, seed
+        self.starts = [tok(w, add_special_tokens=False)["input_ids"][0] for w in START_WORDS]
+        self.ban = banned_ids(tok)
+        self.dev = input_device(model)
+
+    def batch(self, b: int) -> torch.Tensor:
+        rows = range(b * self.bsz, (b + 1) * self.bsz)
+        start = torch.tensor([[self.starts[j % len(self.starts)]] for j in rows], device=self.dev)
+        gen = torch.Generator().manual_seed(_batch_seed(self.seed, b))
+        return sample_continuations(self.model, start, self.seq_len, gen, SAMPLE_TOP_K, self.ban)[:, : self.seq_len]
+
+
+def corpus_windows(model: nn.Module, tok, corpus: dict, n_tokens: int, seq_len: int, seed: int,
+                   corpus_path: Path | None) -> list[list[int]]:
+    """The statistics corpus as token windows: the file's, else the cached sampled ids, else sampled
+    again with ``CorpusSampler`` (the same draws ``key_covariances`` made)."""
+    if corpus["kind"] == "file":
+        return _file_windows(tok, _read_documents(Path(corpus["path"])), seq_len, n_tokens)
+    n_seq = math.ceil(n_tokens / seq_len)
+    cached = _load_ids(corpus_path)
+    if cached is not None and cached.shape[1] == seq_len and cached.shape[0] >= n_seq:
+        return cached[:n_seq].tolist()
+    sampler = CorpusSampler(model, tok, corpus["batch"], seq_len, seed)
+    out = [row for b in range(math.ceil(n_seq / corpus["batch"])) for row in sampler.batch(b).tolist()]
+    return out[:n_seq]
+
+
 @torch.no_grad()
 def _accumulate(model, tok, sites: Sites, layers: list[int], ctx: EditContext, corpus: dict, n_tokens: int,
                 seq_len: int, seed: int, corpus_path: Path | None = None) -> tuple[dict[int, torch.Tensor], int]:
@@ -352,21 +385,16 @@ def _accumulate(model, tok, sites: Sites, layers: list[int], ctx: EditContext, c
             if use:
                 forward_windows(cached[:use].tolist(), "key statistics (cached sampled corpus)")
             if use < n_seq:
-                starts = [tok(w, add_special_tokens=False)["input_ids"][0] for w in START_WORDS]
-                ban = banned_ids(tok)
+                sampler = CorpusSampler(model, tok, bsz, seq_len, seed)
                 new = [cached[: (have // bsz) * bsz]] if have >= bsz else []
                 first_batch = have // bsz  # resume at the first batch not fully cached
                 n_batches = math.ceil(n_seq / bsz)
                 for b in tqdm(range(first_batch, n_batches), desc="key statistics (sampling corpus)",
                               disable=not ctx.progress):
-                    rows = range(b * bsz, (b + 1) * bsz)
-                    start = torch.tensor([[starts[j % len(starts)]] for j in rows], device=dev)
-                    gen = torch.Generator().manual_seed(_batch_seed(seed, b))
                     # count only sequences that are not counted yet and are within the budget
-                    keep = torch.tensor([use <= j < n_seq for j in rows], device=dev)
+                    keep = torch.tensor([use <= j < n_seq for j in range(b * bsz, (b + 1) * bsz)], device=dev)
                     state.mask = keep  # one position per sequence and step: the mask is per row
-                    out = sample_continuations(model, start, seq_len, gen, SAMPLE_TOP_K, ban)
-                    new.append(out[:, :seq_len].cpu())
+                    new.append(sampler.batch(b).cpu())
                 state.mask = None
                 all_ids = torch.cat(new)
                 if all_ids.shape[0] > have:
