@@ -166,3 +166,18 @@ def test_sampled_corpus_ids_are_cached_and_reused(tiny_llama_dir, tmp_path, monk
     fresh, _ = key_covariances(model, tok, [0, 1], EditContext(fingerprint=info.fingerprint), n_tokens=320, seq_len=16)
     torch.testing.assert_close(again[1], fresh[1], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(during[0], fresh[0], rtol=1e-6, atol=1e-9)
+
+
+def test_corpus_windows_resample_the_ids_key_covariances_cached(tiny_llama_dir, tmp_path):
+    """``corpus_windows`` without a cache draws the same sampled corpus that ``key_covariances``
+    generated (and cached) — the one definition both statistics passes read."""
+    model, tok, info = load_model(str(tiny_llama_dir), "cpu")
+    ctx = EditContext(fingerprint=info.fingerprint, cache_dir=tmp_path / "cache")
+    key_covariances(model, tok, [0], ctx, n_tokens=200, seq_len=16)
+    [path] = (tmp_path / "cache" / "keystats").glob("corpus-*.safetensors")
+    corpus = stats.corpus_descriptor(ctx, 16, 0)
+    cached = stats.corpus_windows(model, tok, corpus, 200, 16, 0, path)
+    drawn = stats.corpus_windows(model, tok, corpus, 200, 16, 0, None)
+    assert len(drawn) == math.ceil(200 / 16) and all(len(w) == 16 for w in drawn)
+    assert drawn == cached
+    assert stats.corpus_windows(model, tok, corpus, 200, 16, 1, None) != drawn  # another seed, other text
