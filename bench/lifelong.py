@@ -129,11 +129,14 @@ def run(args) -> None:
     workdir = RUNS / args.name
     ws = _workspace(workdir, args.model, args.threads)
     ledger = ws.ledger
-    meta = {"name": args.name, "method": args.method, "set": args.set, "batch_size": args.batch_size,
+    shown = args.set + (["--preserve-known-facts"] if args.preserve_known_facts else [])
+    meta = {"name": args.name, "method": args.method, "set": shown, "batch_size": args.batch_size,
             "model": args.model, "threads": args.threads, "start": args.start}
     (workdir / "meta.json").write_text(json.dumps(meta, indent=1))
     items = stream(args.start + args.n)[args.start:]  # --start: a trial on a later segment (e.g. zsRE at 600)
     overrides = dict(kv.split("=", 1) for kv in args.set)
+    if args.preserve_known_facts:
+        overrides["preserve_facts"] = str(_known_facts_file(workdir, ws))
     base_loc = _base_locality(workdir, ws, items)
     auditor = None
     done = _done(ledger, args.method)
@@ -157,7 +160,7 @@ def run(args) -> None:
             if auditor is None:
                 auditor = _auditor(ws)
             row = _measure(ws, auditor, items[:done], base_loc)
-            row.update(edits=done, name=args.name, method=args.method, set=args.set, start=args.start,
+            row.update(edits=done, name=args.name, method=args.method, set=shown, start=args.start,
                        edit_s=round(spent / done, 3),
                        edit_s_window=round(window, 2), load=round(os.getloadavg()[0], 2),
                        at=_dt.datetime.now().isoformat(timespec="seconds"))
@@ -166,6 +169,21 @@ def run(args) -> None:
             audited.add(done)
             window = 0.0
             log.info("%s @%d: %s", args.name, done, {k: row.get(k) for k in _COLS})
+
+
+def _known_facts_file(workdir: Path, ws) -> Path:
+    """``known_1000.json`` without the records whose subject appears in an audit probe prompt (the
+    audit's known facts must stay unseen by the editor), written into the run's directory."""
+    from kledger.audit.probes import knowledge_prompts  # noqa: PLC0415
+
+    probe_text = "\n".join(knowledge_prompts())
+    recs = json.loads((DATA / "known_1000.json").read_text())
+    keep = [r for r in recs if r["subject"] not in probe_text]
+    out = workdir / "preserve_facts.json"
+    out.write_text(json.dumps([{"prompt": r["prompt"], "attribute": r["attribute"]} for r in keep]))
+    log.info("preserve_facts: %d of %d known_1000 records (%d share a subject with a probe prompt)", len(keep),
+             len(recs), len(recs) - len(keep))
+    return out
 
 
 def _auditor(ws):
@@ -229,6 +247,8 @@ def main() -> None:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--n", type=int, default=1000)
     r.add_argument("--start", type=int, default=0, help="skip the stream's first START records (trials)")
+    r.add_argument("--preserve-known-facts", action="store_true",
+                   help="give the editor known_1000.json (minus the probe set's subjects) as preserve_facts")
     r.add_argument("--batch-size", type=int, default=10)
     r.add_argument("--audit-every", type=int, default=100)
     r.add_argument("--model", default="smollm2-135m")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import types
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -96,8 +97,11 @@ def _coerce(key: str, raw: Any, hint: Any) -> Any:
     if not isinstance(raw, str):
         return tuple(raw) if isinstance(raw, list) else raw
     origin = typing.get_origin(hint)
+    union = origin is typing.Union or origin is types.UnionType  # Optional[X] and X | None alike
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    target = hint if origin is None else (args[0] if origin is typing.Union and len(args) == 1 else None)
+    target = hint if origin is None else (args[0] if union and len(args) == 1 else None)
+    if union and raw == "null":
+        return None
     try:
         if target is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -108,7 +112,7 @@ def _coerce(key: str, raw: Any, hint: Any) -> Any:
         if target in (int, float, str):
             return target(raw)
         value = json.loads(raw)
-        if origin is typing.Union and value is None:
+        if union and value is None:
             return None
         return tuple(value) if isinstance(value, list) else value
     except (ValueError, json.JSONDecodeError):

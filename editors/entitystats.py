@@ -15,15 +15,20 @@ following tokens that begin with a letter or digit (so the last piece of `` Darr
 
 The same corpus windows as ``C0`` (the sampled corpus's cached ids, or the file's windows), one
 stopped forward pass; cached per layer under ``keystats/`` with the corpus hash prefixed ``entity:``.
+
+``fact_covariances``: ``C_facts = E[k kᵀ]`` over every token of a file of known facts (prompt and
+answer, e.g. ``known_1000.json``): the keys of the kind of sentence whose answers an audit checks.
+Cached the same way, keyed by the file's hash.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -92,7 +97,65 @@ def entity_covariances(model: nn.Module, tok, layers: Sequence[int], ctx: EditCo
     return result, desc
 
 
-def _accumulate(model, tok, sites, layers: list[int], windows: list[list[int]], seq_len: int):
+def fact_sentences(path: str | Path) -> list[str]:
+    """The known facts of a JSON file as sentences: ``known_1000.json`` records (``prompt`` + `` `` +
+    ``attribute``), ``{"prompt", "answer"}`` objects or ``[prompt, answer]`` pairs (taken verbatim)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"preserve_facts: expected a JSON file of known facts, found no file at {str(p)!r}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"preserve_facts: {str(p)!r} is not JSON ({e})") from None
+    if not isinstance(data, list) or not data:
+        raise UsageError(f"preserve_facts: expected a non-empty JSON list of facts in {str(p)!r}, found {type(data).__name__}")
+    out = []
+    for rec in data:
+        if isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("attribute"), str):
+            out.append(rec["prompt"] + " " + rec["attribute"])
+        elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("answer"), str):
+            out.append(rec["prompt"] + rec["answer"])
+        elif isinstance(rec, (list, tuple)) and len(rec) == 2 and all(isinstance(x, str) for x in rec):
+            out.append(rec[0] + rec[1])
+        else:
+            raise UsageError("preserve_facts: expected records with prompt+attribute (known_1000.json), "
+                             f"prompt+answer, or [prompt, answer]; found {rec!r:.200}")
+    return out
+
+
+@torch.no_grad()
+def fact_covariances(model: nn.Module, tok, layers: Sequence[int], ctx: EditContext, path: str | Path, *,
+                     seq_len: int = 64) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """``{layer: C_facts (in×in float32, on the layer's device)}``: the mean ``k kᵀ`` over every token
+    of the facts in ``path`` (each sentence one window, cut at ``seq_len`` tokens), and a description."""
+    t0 = time.perf_counter()
+    sites = sites_for(model)
+    layers = sorted(set(int(l) for l in layers))
+    sha = S._file_sha256(Path(path)) if Path(path).is_file() else None
+    sentences = fact_sentences(path)
+    fp = S._model_fingerprint(model, ctx)
+    cdir = Path(ctx.cache_dir) / "keystats" if ctx.cache_dir is not None else None
+    keys = {l: S.cache_key(fp, sites.mlp_out_param(l), l, f"facts:{sha}", len(sentences), seq_len) for l in layers}
+    found = {l: S._load(cdir / f"{keys[l]}.safetensors") for l in layers} if cdir is not None else {}
+    if cdir is None or any(v is None for v in found.values()):
+        windows = [tok(x, add_special_tokens=False)["input_ids"][:seq_len] for x in sentences]
+        sums, n = _accumulate(model, tok, sites, layers, [w for w in windows if w], seq_len,
+                              mask_fn=lambda pieces: [True] * len(pieces))
+        found = {}
+        for l in layers:
+            c = sums.pop(l).div_(n).float()
+            if cdir is not None:
+                S._store(cdir / f"{keys[l]}.safetensors", c, n, keys[l])
+            found[l] = (c, n)
+    devs = {l: model.get_parameter(sites.mlp_out_param(l)).device for l in layers}
+    result = {l: found[l][0].to(devs[l]) for l in layers}
+    desc = {"kind": "facts", "facts": len(sentences), "tokens": int(found[layers[0]][1]), "file_sha256": sha,
+            "cache_keys": {str(l): keys[l] for l in layers}, "time_s": round(time.perf_counter() - t0, 3)}
+    return result, desc
+
+
+def _accumulate(model, tok, sites, layers: list[int], windows: list[list[int]], seq_len: int,
+                mask_fn: Callable[[Sequence[str]], list[bool]] = entity_mask):
     class _State:
         mask: torch.Tensor | None = None
 
@@ -108,7 +171,7 @@ def _accumulate(model, tok, sites, layers: list[int], windows: list[list[int]], 
             ids, mask = pad(chunk, pad_id(tok), dev)
             ent = torch.zeros_like(mask, dtype=torch.bool)
             for r, w in enumerate(chunk):
-                ent[r, :len(w)] = torch.tensor(entity_mask([text[i] for i in w]), dtype=torch.bool)
+                ent[r, :len(w)] = torch.tensor(mask_fn([text[i] for i in w]), dtype=torch.bool)
             state.mask = (ent & mask.bool()).view(-1)
             try:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)

@@ -51,7 +51,7 @@ import torch.nn as nn
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
 from kledger.editors.ultraedit_rows import _with_context_rows, context_keys, features
 from kledger.editors.sites import num_layers, sites_for
-from kledger.editors.entitystats import entity_covariances
+from kledger.editors.entitystats import entity_covariances, fact_covariances
 from kledger.editors.stats import key_covariances
 from kledger.ledger.deltas import Delta, LowRankDelta
 from kledger.ledger.errors import NumericalError, UsageError
@@ -106,6 +106,11 @@ class UltraEditConfig:
     # λ_e: weight of C_ent, the covariance of the corpus's keys at names only (editors/entitystats.py):
     # the keys through which a sequence damages known facts; 0: off
     entity_weight: float = 0.0
+    # λ_f: weight of C_facts, the covariance of the keys at every token of a file of known facts
+    # (``preserve_facts``: known_1000.json records, {"prompt", "answer"} or [prompt, answer]), the kind of
+    # sentence whose answers a sequence must keep (editors/entitystats.py); 0: off
+    facts_weight: float = 0.0
+    preserve_facts: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list):
@@ -114,8 +119,13 @@ class UltraEditConfig:
             raise ValueError(f"layers must be a non-empty list of integers, found {self.layers!r}")
         if not self.lr > 0 or not self.ridge > 0:
             raise ValueError(f"lr and ridge must be > 0, found {self.lr} and {self.ridge}")
-        if min(self.history_weight, self.norm_prior, self.norm_eps, self.preserve_weight, self.entity_weight) < 0:
-            raise ValueError("history_weight, norm_prior, norm_eps, preserve_weight and entity_weight must be ≥ 0")
+        if min(self.history_weight, self.norm_prior, self.norm_eps, self.preserve_weight, self.entity_weight,
+               self.facts_weight) < 0:
+            raise ValueError("history_weight, norm_prior, norm_eps, preserve_weight, entity_weight and facts_weight "
+                             "must be ≥ 0")
+        if (self.facts_weight > 0) != (self.preserve_facts is not None):
+            raise ValueError("facts_weight > 0 and preserve_facts (a JSON file of known facts) go together, found "
+                             f"facts_weight={self.facts_weight}, preserve_facts={self.preserve_facts!r}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, found {self.positions!r}")
         if self.context_prefixes < 0 or self.prefix_tokens < 1:
@@ -255,6 +265,23 @@ class UltraEditEditor(Editor):
         shares = self._turns(model, tok, sites, layers, params, requests, states, ctx)
         return self._results(model, sites, layers, params, requests, shares, time.perf_counter() - t0, len(states))
 
+    def _extra_covariances(self, model, tok, layers, ctx) -> dict[int, torch.Tensor]:
+        """``λ_e·C_ent + λ_f·C_facts`` per layer (the name-key and known-fact terms of the solve), or {}."""
+        cfg, out = self.config, {}
+        parts = []
+        if cfg.entity_weight > 0:
+            cent, self._stats_desc["entity"] = entity_covariances(model, tok, layers, ctx, n_tokens=cfg.stats_tokens,
+                                                                  seed=ctx.seed)
+            parts.append((cfg.entity_weight, cent))
+        if cfg.facts_weight > 0:
+            cf, self._stats_desc["facts"] = fact_covariances(model, tok, layers, ctx, cfg.preserve_facts)
+            parts.append((cfg.facts_weight, cf))
+        for l in layers:
+            for w, cov in parts:
+                c = cov.pop(l)
+                out[l] = c.mul_(w) if l not in out else out[l].add_(c, alpha=w)
+        return out
+
     def _turns(self, model, tok, sites, layers, params, requests, states, ctx) -> dict[str, Any]:
         """Run the turns on the working copy (restored on exit); collect per-request shares."""
         cfg = self.config
@@ -266,18 +293,15 @@ class UltraEditEditor(Editor):
         stats = {l: _state_stats(states, l, dims[l][1]) for l in layers}
         devs = {l: model.get_parameter(params[l]).device for l in layers}
         c0: dict[int, torch.Tensor] = {}
-        if cfg.preserve_weight > 0 or cfg.entity_weight > 0:
+        if cfg.preserve_weight > 0 or cfg.entity_weight > 0 or cfg.facts_weight > 0:
             c0, self._stats_desc = key_covariances(model, tok, layers, ctx, n_tokens=cfg.stats_tokens, seed=ctx.seed)
-        cent: dict[int, torch.Tensor] = {}
-        if cfg.entity_weight > 0:
-            cent, self._stats_desc["entity"] = entity_covariances(model, tok, layers, ctx, n_tokens=cfg.stats_tokens,
-                                                                  seed=ctx.seed)
+        cent = self._extra_covariances(model, tok, layers, ctx)
         chol: dict[int, torch.Tensor] = {}
         for l in layers:  # one layer at a time, its C0 and H freed once factorised: peak ≈ one set of in×in
             H = _history_keys(states, l, dims[l][0], devs[l]) if cfg.history_weight > 0 else None
             C0, Ce = c0.pop(l, None), cent.pop(l, None)
             if H is not None or C0 is not None:
-                chol[l] = history_factor(H, cfg.ridge, cfg.history_weight, C0, cfg.preserve_weight, Ce, cfg.entity_weight)
+                chol[l] = history_factor(H, cfg.ridge, cfg.history_weight, C0, cfg.preserve_weight, Ce, 1.0)
             del H, C0, Ce
         ctx_keys = (context_keys(model, tok, sites, layers, requests, cfg.context_prefixes, cfg.prefix_tokens, ctx.seed)
                     if cfg.context_prefixes else None)

@@ -44,3 +44,49 @@ def test_entity_covariance_is_the_mean_outer_product_at_name_tokens(tmp_path, ti
         assert desc["tokens"] == K.shape[0] > 0
         torch.testing.assert_close(C[l], (K.T @ K / K.shape[0]).float(), rtol=1e-4, atol=1e-6)
         assert torch.equal(C[l], again[l])
+
+
+def test_fact_sentences_formats_and_errors(tmp_path):
+    import json
+
+    import pytest
+
+    from kledger.editors.entitystats import fact_sentences
+    from kledger.ledger.errors import UsageError
+
+    f = tmp_path / "f.json"
+    f.write_text(json.dumps([{"prompt": "Vinson Massif is located in the continent of", "attribute": "Antarctica"},
+                             {"prompt": "2 + 2 =", "answer": " 4"}, ["The sky is", " blue"]]))
+    assert fact_sentences(f) == ["Vinson Massif is located in the continent of Antarctica", "2 + 2 = 4", "The sky is blue"]
+    with pytest.raises(UsageError, match="no file"):
+        fact_sentences(tmp_path / "missing.json")
+    f.write_text(json.dumps([{"subject": "x"}]))
+    with pytest.raises(UsageError, match="prompt\\+attribute"):
+        fact_sentences(f)
+    f.write_text("{}")
+    with pytest.raises(UsageError, match="non-empty JSON list"):
+        fact_sentences(f)
+
+
+def test_fact_covariance_is_the_mean_outer_product_over_every_token(tmp_path, tiny_llama_dir):
+    import json
+
+    from kledger.editors.entitystats import fact_covariances
+    from kledger.editors.hooks import Trace
+    from kledger.editors.sites import sites_for
+
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    f = tmp_path / "facts.json"
+    f.write_text(json.dumps([["The Eiffel Tower is in", " Paris"], ["Bob plays", " tennis every day"]]))
+    ctx = EditContext(cache_dir=tmp_path / "cache")
+    C, desc = fact_covariances(model, tok, [0], ctx, f)
+    again, _ = fact_covariances(model, tok, [0], ctx, f)  # from the cache
+    rows = []
+    for text in ("The Eiffel Tower is in Paris", "Bob plays tennis every day"):
+        with Trace(model, sites_for(model).mlp_out.format(0), retain_input=True, retain_output=False) as t:
+            model(input_ids=torch.tensor([tok(text, add_special_tokens=False)["input_ids"]]))
+        rows.append(t.input[0])
+    K = torch.cat(rows).double()
+    assert desc["tokens"] == K.shape[0] and desc["facts"] == 2
+    torch.testing.assert_close(C[0], (K.T @ K / K.shape[0]).float(), rtol=1e-4, atol=1e-6)
+    assert torch.equal(C[0], again[0])

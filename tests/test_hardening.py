@@ -408,3 +408,17 @@ def test_from_file_skips_facts_that_are_already_active_edits(led, tmp_path):
     assert Ledger.open(led).count() == n + 1  # only Alice
     r = run_cli(["add", "--from-file", str(facts), "--allow-duplicate", *fast], led)
     assert r.exit_code == 0 and Ledger.open(led).count() == n + 3
+
+
+def test_optional_string_config_fields_take_plain_strings():
+    """Regression: ``--set retain_file=facts.json`` (a ``str | None`` field) was refused with "expected a
+    value of type str | None": PEP 604 unions were not read as Optional, so the string went to json.loads."""
+    from kledger.editors.base import make_config
+    from kledger.editors.ultraedit import UltraEditConfig
+    from kledger.editors.unlearn import SubspaceConfig as UnlearnConfig
+
+    assert make_config(UnlearnConfig, {"retain_file": "facts.json"}).retain_file == "facts.json"
+    cfg = make_config(UltraEditConfig, {"preserve_facts": "known.json", "facts_weight": "5000"})
+    assert cfg.preserve_facts == "known.json" and cfg.facts_weight == 5000.0
+    assert make_config(UnlearnConfig, {"retain_file": "null"}).retain_file is None
+    assert make_config(UltraEditConfig, {"layers": "[3, 4]"}).layers == (3, 4)

@@ -3,6 +3,8 @@ normaliser, state kept in the ledger (replay after a restart), and revert --reba
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -346,8 +348,55 @@ def test_entity_weight_adds_the_name_key_covariance_to_the_preservation_term(tmp
     A = 3.0 * C0[1].double() + 7.0 * Ce[1].double() + CFG["ridge"] * torch.eye(C0[1].shape[0], dtype=torch.float64)
     torch.testing.assert_close(seen[0] @ seen[0].T, A)
     assert res.ensemble["stats"]["entity"]["tokens"] > 0
-    with pytest.raises(ValueError, match="entity_weight must be ≥ 0"):
+    with pytest.raises(ValueError, match="entity_weight and facts_weight must be ≥ 0"):
         UltraEditConfig(entity_weight=-1.0)
+
+
+def test_facts_weight_adds_the_known_fact_covariance_and_shields_those_keys(tmp_path, tiny_llama_dir, monkeypatch):
+    """facts_weight = λ_f with preserve_facts: the factor is that of λ_c C0 + λ_e C_ent + λ_f C_facts + λI,
+    and the stronger λ_f, the less the update moves the outputs at the facts' keys."""
+    import kledger.editors.ultraedit as U
+    from kledger.editors.entitystats import entity_covariances, fact_covariances
+    from kledger.editors.hooks import Trace
+    from kledger.editors.sites import sites_for
+    from kledger.editors.stats import key_covariances
+
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Yesterday Alice Smith met Bob Jones in Paris, London and Rome with Carol.\n\n" * 4)
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"prompt": "The Eiffel Tower is in", "attribute": "Paris"},
+                                 {"prompt": "Rome is the capital of", "answer": " Italy"}, ["Bob Jones plays", " tennis"]]))
+    ctx = EditContext(cache_dir=tmp_path / "cache", stats_corpus=str(corpus))
+    seen = []
+    real = U.history_factor
+    monkeypatch.setattr(U, "history_factor", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    base = dict(CFG, layers=(0,), history_weight=0, preserve_weight=3.0, stats_tokens=128)
+    [res] = UltraEditEditor(UltraEditConfig(**base, entity_weight=7.0, facts_weight=11.0,
+                                            preserve_facts=str(facts))).compute(model, tok, [REQS[0]], ctx)
+    C0, _ = key_covariances(model, tok, [0], ctx, n_tokens=128)
+    Ce, _ = entity_covariances(model, tok, [0], ctx, n_tokens=128)
+    Cf, desc = fact_covariances(model, tok, [0], ctx, str(facts))
+    eye = torch.eye(C0[0].shape[0], dtype=torch.float64)
+    A = 3.0 * C0[0].double() + 7.0 * Ce[0].double() + 11.0 * Cf[0].double() + CFG["ridge"] * eye
+    torch.testing.assert_close(seen[0] @ seen[0].T, A)
+    assert res.ensemble["stats"]["facts"]["facts"] == 3 == desc["facts"]
+    # the facts' keys at layer 0 (the subject's row reaches the answer through layer 1's attention), and how far each update moves the outputs there
+    site = sites_for(model).mlp_out.format(0)
+    with Trace(model, site, retain_input=True, retain_output=False) as t:
+        model(input_ids=torch.tensor([tok("Bob Jones plays tennis", add_special_tokens=False)["input_ids"]]))
+    K = t.input[0].double()
+    moved = []
+    for w in (0.0, 1e2, 1e4):
+        cfg = dict(base, facts_weight=w, preserve_facts=str(facts) if w else None)
+        [r] = UltraEditEditor(UltraEditConfig(**cfg)).compute(model, tok, [REQS[0]], ctx)
+        [dW] = [v.double() for v in _dense(r.delta).values()]
+        moved.append(float((K @ (dW.T if dW.shape[1] == K.shape[1] else dW)).norm()))
+    assert moved[0] > moved[1] > moved[2] and moved[2] < 0.5 * moved[0]
+    with pytest.raises(ValueError, match="go together"):
+        UltraEditConfig(facts_weight=1.0)
+    with pytest.raises(ValueError, match="go together"):
+        UltraEditConfig(preserve_facts=str(facts))
 
 
 def test_ultraedit_layers_by_depth():
