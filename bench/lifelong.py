@@ -19,6 +19,7 @@ Rows go to ``WORKDIR/rows.jsonl`` (one per audit) and are copied into
     python bench/lifelong.py run --name ultraedit --method ultraedit           # the default method
     python bench/lifelong.py run --name alphaedit --method alphaedit --n 300
     python bench/lifelong.py write                                            # table + plot
+    python bench/lifelong.py kept NAME --n 600                                # which edits hold / cost facts
 """
 
 from __future__ import annotations
@@ -263,12 +264,22 @@ def main() -> None:
     da.add_argument("name")
     da.add_argument("--model", default="smollm2-135m")
     da.add_argument("--threads", type=int, default=1)
+    ke = sub.add_parser("kept", help="which edits hold, and which cost the known facts (JSON)")
+    ke.add_argument("name")
+    ke.add_argument("--n", type=int, default=None, help="only the run's first N edits' deltas")
+    ke.add_argument("--model", default="smollm2-135m")
+    ke.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cmd == "run":
         run(args)
     elif args.cmd == "lost":
         lost(args)
+    elif args.cmd == "kept":
+        from lifelong_kept import main as kept  # noqa: PLC0415
+
+        start = _meta(RUNS / args.name).get("start", 0)
+        kept(_workspace(RUNS / args.name, args.model, args.threads), stream(start + 1000)[start:], args.n)
     elif args.cmd == "damage":
         from lifelong_damage import main as damage  # noqa: PLC0415
 
