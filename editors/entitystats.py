@@ -73,17 +73,31 @@ def entity_covariances(model: nn.Module, tok, layers: Sequence[int], ctx: EditCo
                        seq_len: int = 64, seed: int = 0) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
     """``{layer: C_ent (in×in float32, on the layer's device)}`` and a JSON description."""
     t0 = time.perf_counter()
+    corpus = S.corpus_descriptor(ctx, seq_len, seed)
+
+    def windows(cdir: Path | None, fp: str) -> list[list[int]]:
+        return S.corpus_windows(model, tok, corpus, n_tokens, seq_len, seed, S._corpus_path(cdir, corpus, fp))
+
+    result, keys, count = _masked_covariances(model, tok, layers, ctx, "entity:" + corpus["sha256"], n_tokens, seq_len,
+                                              windows, entity_mask)
+    desc = {"kind": "entity", "tokens": count, "corpus": corpus["sha256"], "cache_keys": keys,
+            "time_s": round(time.perf_counter() - t0, 3)}
+    return result, desc
+
+
+def _masked_covariances(model, tok, layers: Sequence[int], ctx: EditContext, tag: str, budget: int, seq_len: int,
+                        windows: Callable[[Path | None, str], list[list[int]]],
+                        mask_fn: Callable[[Sequence[str]], list[bool]]):
+    """The mean ``k kᵀ`` at the tokens ``mask_fn`` marks in ``windows(cache_dir, fingerprint)``, per layer,
+    read from / stored in the ``keystats/`` cache under ``tag``: (per layer on its device, cache keys, count)."""
     sites = sites_for(model)
     layers = sorted(set(int(l) for l in layers))
-    corpus = S.corpus_descriptor(ctx, seq_len, seed)
     fp = S._model_fingerprint(model, ctx)
     cdir = Path(ctx.cache_dir) / "keystats" if ctx.cache_dir is not None else None
-    keys = {l: S.cache_key(fp, sites.mlp_out_param(l), l, "entity:" + corpus["sha256"], n_tokens, seq_len)
-            for l in layers}
+    keys = {l: S.cache_key(fp, sites.mlp_out_param(l), l, tag, budget, seq_len) for l in layers}
     found = {l: S._load(cdir / f"{keys[l]}.safetensors") for l in layers} if cdir is not None else {}
     if cdir is None or any(v is None for v in found.values()):
-        windows = S.corpus_windows(model, tok, corpus, n_tokens, seq_len, seed, S._corpus_path(cdir, corpus, fp))
-        sums, n = _accumulate(model, tok, sites, layers, windows, seq_len)
+        sums, n = _accumulate(model, tok, sites, layers, windows(cdir, fp), seq_len, mask_fn)
         found = {}
         for l in layers:
             c = sums.pop(l).div_(n).float()
@@ -92,9 +106,7 @@ def entity_covariances(model: nn.Module, tok, layers: Sequence[int], ctx: EditCo
             found[l] = (c, n)
     devs = {l: model.get_parameter(sites.mlp_out_param(l)).device for l in layers}
     result = {l: found[l][0].to(devs[l]) for l in layers}
-    desc = {"kind": "entity", "tokens": int(found[layers[0]][1]), "corpus": corpus["sha256"],
-            "cache_keys": {str(l): keys[l] for l in layers}, "time_s": round(time.perf_counter() - t0, 3)}
-    return result, desc
+    return result, {str(l): keys[l] for l in layers}, int(found[layers[0]][1])
 
 
 def fact_sentences(path: str | Path) -> list[str]:
@@ -129,33 +141,22 @@ def fact_covariances(model: nn.Module, tok, layers: Sequence[int], ctx: EditCont
     """``{layer: C_facts (in×in float32, on the layer's device)}``: the mean ``k kᵀ`` over every token
     of the facts in ``path`` (each sentence one window, cut at ``seq_len`` tokens), and a description."""
     t0 = time.perf_counter()
-    sites = sites_for(model)
-    layers = sorted(set(int(l) for l in layers))
-    sha = S._file_sha256(Path(path)) if Path(path).is_file() else None
-    sentences = fact_sentences(path)
-    fp = S._model_fingerprint(model, ctx)
-    cdir = Path(ctx.cache_dir) / "keystats" if ctx.cache_dir is not None else None
-    keys = {l: S.cache_key(fp, sites.mlp_out_param(l), l, f"facts:{sha}", len(sentences), seq_len) for l in layers}
-    found = {l: S._load(cdir / f"{keys[l]}.safetensors") for l in layers} if cdir is not None else {}
-    if cdir is None or any(v is None for v in found.values()):
-        windows = [tok(x, add_special_tokens=False)["input_ids"][:seq_len] for x in sentences]
-        sums, n = _accumulate(model, tok, sites, layers, [w for w in windows if w], seq_len,
-                              mask_fn=lambda pieces: [True] * len(pieces))
-        found = {}
-        for l in layers:
-            c = sums.pop(l).div_(n).float()
-            if cdir is not None:
-                S._store(cdir / f"{keys[l]}.safetensors", c, n, keys[l])
-            found[l] = (c, n)
-    devs = {l: model.get_parameter(sites.mlp_out_param(l)).device for l in layers}
-    result = {l: found[l][0].to(devs[l]) for l in layers}
-    desc = {"kind": "facts", "facts": len(sentences), "tokens": int(found[layers[0]][1]), "file_sha256": sha,
-            "cache_keys": {str(l): keys[l] for l in layers}, "time_s": round(time.perf_counter() - t0, 3)}
+    sentences = fact_sentences(path)  # checks the file first
+    sha = S._file_sha256(Path(path))
+
+    def windows(cdir: Path | None, fp: str) -> list[list[int]]:
+        ids = [tok(x, add_special_tokens=False)["input_ids"][:seq_len] for x in sentences]
+        return [w for w in ids if w]
+
+    result, keys, count = _masked_covariances(model, tok, layers, ctx, f"facts:{sha}", len(sentences), seq_len,
+                                              windows, lambda pieces: [True] * len(pieces))
+    desc = {"kind": "facts", "facts": len(sentences), "tokens": count, "file_sha256": sha, "cache_keys": keys,
+            "time_s": round(time.perf_counter() - t0, 3)}
     return result, desc
 
 
 def _accumulate(model, tok, sites, layers: list[int], windows: list[list[int]], seq_len: int,
-                mask_fn: Callable[[Sequence[str]], list[bool]] = entity_mask):
+                mask_fn: Callable[[Sequence[str]], list[bool]]):
     class _State:
         mask: torch.Tensor | None = None
 
