@@ -68,6 +68,11 @@ class Editor(ABC):
     #: whether a sequence of this method's edits is guarded by default (``kledger add`` with
     #: several facts refuses an edit whose pulse crosses a threshold unless ``--no-guard``)
     guard_sequences: ClassVar[bool] = False
+    #: config fields that name files the computation reads (UltraEdit's ``preserve_facts``): the
+    #: orchestrator records each file's absolute path and sha256 in the event (``ensemble["inputs"]``)
+    #: and refuses to recompute the event (``revert --rebase``, ``merge --strategy resolve``) from a
+    #: file whose content differs
+    input_files: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_cls()

@@ -38,6 +38,7 @@ from kledger.editors.base import EditContext
 from kledger.editors.hooks import KeyAccumulator, StopForward, input_device
 from kledger.editors.sites import sites_for
 from kledger.editors.tokens import pad, pad_id
+from kledger.ledger.canonical import file_sha256
 from kledger.ledger.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def fact_covariances(model: nn.Module, tok, layers: Sequence[int], ctx: EditCont
     of the facts in ``path`` (each sentence one window, cut at ``seq_len`` tokens), and a description."""
     t0 = time.perf_counter()
     sentences = fact_sentences(path)  # checks the file first
-    sha = S._file_sha256(Path(path))
+    sha = file_sha256(path)
 
     def windows(cdir: Path | None, fp: str) -> list[list[int]]:
         ids = [tok(x, add_special_tokens=False)["input_ids"][:seq_len] for x in sentences]

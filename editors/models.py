@@ -28,6 +28,7 @@ from typing import Mapping
 
 import torch
 
+from kledger.ledger.canonical import file_sha256
 from kledger.ledger.errors import ModelMismatchError, NotFoundError, UsageError
 from kledger.ledger.objects import replacing_dir
 
@@ -123,12 +124,7 @@ def _file_sha256(path: Path) -> str:
         cache = {}
     if key in cache:
         return cache[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    cache[key] = digest
+    digest = cache[key] = file_sha256(path)
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")

@@ -52,6 +52,7 @@ from kledger.editors.base import EditContext
 from kledger.editors.sites import Sites, sites_for
 from kledger.editors.hooks import KeyAccumulator, StopForward, input_device
 from kledger.editors.tokens import pad, pad_id
+from kledger.ledger.canonical import file_sha256
 from kledger.ledger.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -68,14 +69,6 @@ class _Pass:
 
 
 # --- corpus ------------------------------------------------------------------------------------
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_documents(path: Path) -> list[str]:
     if path.suffix == ".txt":
         text = path.read_text(encoding="utf-8")
@@ -103,7 +96,7 @@ def corpus_descriptor(ctx: EditContext, seq_len: int, seed: int) -> dict[str, An
         p = Path(ctx.stats_corpus)
         if not p.is_file():
             raise UsageError(f"expected a statistics corpus file at {ctx.stats_corpus!r}, found none")
-        return {"kind": "file", "path": str(p), "sha256": _file_sha256(p)}
+        return {"kind": "file", "path": str(p), "sha256": file_sha256(p)}
     desc = {"kind": "sampled", "seed": seed, "top_k": SAMPLE_TOP_K, "starts": list(START_WORDS),
             "batch": _sample_batch(seq_len), "seq_len": seq_len}
     desc["sha256"] = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()

@@ -252,6 +252,7 @@ class UltraEditEditor(Editor):
 
     config_cls = UltraEditConfig
     name, needs_history, batch_solve = "ultraedit", True, True
+    input_files = ("preserve_facts",)
     summary = "UltraEdit: lifelong-normalised ridge update at the subject (default; C0 preservation)"
     paper = "https://arxiv.org/abs/2505.14679"
 

@@ -153,6 +153,7 @@ class _SubspaceEditor(Editor):
     mode: ClassVar[str]
     paper = "arXiv 2408.04140"
     config_cls = SubspaceConfig
+    input_files = ("retain_file",)
 
     def compute(self, model: nn.Module, tok, requests: Sequence[FactRequest], ctx: EditContext, *,
                 retain: Sequence[FactRequest] = ()) -> list[EditResult]:

@@ -4,6 +4,8 @@
 * ``make_editor`` / ``edit_context`` / ``compute_edit``: the registered editor with its recorded
   config, and the context it may see (base fingerprint, cache, and — for editors that declare
   ``needs_history`` — the method state of the earlier active events, ``method_states``);
+* ``input_digests`` / ``recompute_config``: the files an editor's config names (``Editor.input_files``),
+  recorded by path and sha256 when an edit is made and checked before it is recomputed;
 * ``write_exact``: rewrite the tensors some deltas touch exactly as ``materialise`` writes them, so
   an in-process sequence and a fresh process agree bit for bit.
 """
@@ -11,13 +13,16 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from kledger.editors.base import EditContext, Editor, EditResult, make_config
 from kledger.editors.registry import editor_class
+from kledger.ledger.canonical import file_sha256
 from kledger.ledger.compose import apply_deltas
+from kledger.ledger.errors import StateError, UsageError
 from kledger.ledger.records import Event, FactRequest
 from kledger.ledger.store import Ledger
 
@@ -28,6 +33,42 @@ def make_editor(method: str, config: Mapping[str, Any] | None = None) -> Editor:
     """The registered editor ``method`` with its config built from ``config`` (JSON or strings)."""
     cls = editor_class(method)
     return cls(make_config(cls.config_cls, dict(config or {})))
+
+
+def input_digests(editor: Editor) -> dict[str, dict[str, str]]:
+    """``{field: {"path": absolute path, "sha256": …}}`` for each file ``editor``'s config names
+    (``Editor.input_files``); a named file that does not exist is refused before any work."""
+    out = {}
+    for name in editor.input_files:
+        value = getattr(editor.config, name)
+        if value is None:
+            continue
+        p = Path(value)
+        if not p.is_file():
+            raise UsageError(f"{editor.name}: expected a file at {name}={value!r}, found none")
+        out[name] = {"path": str(p.resolve()), "sha256": file_sha256(p)}
+    return out
+
+
+def with_inputs(ensemble: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The ensemble record of an event, with its input files (if any) under ``"inputs"``."""
+    return dict(ensemble) | ({"inputs": dict(inputs)} if inputs else {})
+
+
+def recompute_config(ev: Event) -> dict[str, Any]:
+    """The config to recompute ``ev`` with: its recorded config, each input file named by the
+    absolute path recorded at edit time, after checking that the file still hashes to the
+    recorded sha256 (a changed file would silently give another edit)."""
+    config = dict(ev.config or {})
+    for name, rec in sorted(((ev.ensemble or {}).get("inputs") or {}).items()):
+        p = Path(rec["path"])
+        found = file_sha256(p) if p.is_file() else None
+        if found != rec["sha256"]:
+            what = f"content with sha256 {found[:16]}…" if found else "no file"
+            raise StateError(f"event {ev.id} was computed with {name}={rec['path']!r} (sha256 {rec['sha256'][:16]}…),"
+                             f" found {what}: restore that file to recompute the event")
+        config[name] = rec["path"]
+    return config
 
 
 def edit_context(ledger: Ledger, editor: Editor, states: Sequence[Mapping] = (), *, progress: bool = False,

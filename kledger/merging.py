@@ -177,7 +177,7 @@ def resolve(ledger: "Ledger", plan: "MergePlan", *, device: str, progress: bool,
     from kledger.ledger.compose import apply_deltas
     from kledger.ledger.merge import combine
     from kledger.ledger.mergeplan import requests_of
-    from kledger.editing import compute_edit, method_states
+    from kledger.editing import compute_edit, method_states, recompute_config
     from kledger.workspace import Workspace
 
     side = sorted(plan.kept("ours") + plan.kept("theirs"), key=lambda e: e.seq)
@@ -193,6 +193,9 @@ def resolve(ledger: "Ledger", plan: "MergePlan", *, device: str, progress: bool,
     if not groups:
         info["note"] = "no side edit of a batch-solving method; resolve equals sum"
         return None, info
+    configs = {}  # per group: its config, input files checked against every event's record
+    for key, evs in groups.items():
+        configs[key] = [recompute_config(e) for e in evs][0]
     recomputed = {e.id for g in groups.values() for e in g}
     drop = set(plan.dropped())
     start = [i for i in plan.merged_live if i not in recomputed and i not in drop]
@@ -201,7 +204,7 @@ def resolve(ledger: "Ledger", plan: "MergePlan", *, device: str, progress: bool,
     done: dict[str, list[dict]] = {}
     t0 = time.perf_counter()
     per_group = []
-    for (method, _), evs in groups.items():
+    for (method, ckey), evs in groups.items():
         reqs: list[FactRequest] = []
         for e in evs:
             for r in requests_of(e):
@@ -209,7 +212,7 @@ def resolve(ledger: "Ledger", plan: "MergePlan", *, device: str, progress: bool,
                 if fr not in reqs:
                     reqs.append(fr)
         states = method_states(ledger, method, start_events) + done.get(method, [])
-        results = compute_edit(ledger, model, tok, method, evs[0].config, reqs, states, progress=progress,
+        results = compute_edit(ledger, model, tok, method, configs[(method, ckey)], reqs, states, progress=progress,
                                stats_corpus=stats_corpus)
         d = combine([r.delta for r in results])
         apply_deltas(model, [d])

@@ -72,6 +72,7 @@ def plan_rebase(ledger: Ledger, target_ref: str) -> RebasePlan:
 
 def _plan_rebase(ledger: Ledger, target_ref: str) -> RebasePlan:
     from kledger.editors.registry import EDITORS  # the editors (and torch): only when rebasing
+    from kledger.editing import recompute_config
 
     head = ledger.head()
     target = ledger.resolve(target_ref)
@@ -97,6 +98,7 @@ def _plan_rebase(ledger: Ledger, target_ref: str) -> RebasePlan:
             raise StateError(f"expected every later edit to be recomputable (an add/forget/learn event of a"
                              f" registered method with its requests), found {ev.type} event {ev.id}"
                              f" (method {ev.method!r})")
+        recompute_config(ev)  # its input files must still be the ones it was computed with: fail before any work
     return RebasePlan(target, head, prefix, later)
 
 
@@ -109,7 +111,7 @@ def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", prog
     ``device_map``: split the model across devices, as ``Workspace(device_map=...)``.
     """
     from kledger.ledger.compose import apply_deltas
-    from kledger.editing import compute_edit, method_states, write_exact
+    from kledger.editing import compute_edit, method_states, recompute_config, with_inputs, write_exact
     from kledger.workspace import Workspace
 
     t0 = time.perf_counter()
@@ -133,7 +135,7 @@ def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", prog
         reqs = [FactRequest.from_json(r) for r in requests_of(ev)]
         t1 = time.perf_counter()
         extra = {"retain": retain_of(ev)} if ev.type in ("forget", "learn") else {}
-        results = compute_edit(ledger, model, tok, ev.method, ev.config, reqs, hist, progress=progress,
+        results = compute_edit(ledger, model, tok, ev.method, recompute_config(ev), reqs, hist, progress=progress,
                                stats_corpus=stats_corpus, **extra)
         dt = time.perf_counter() - t1
         for res in results:
@@ -159,7 +161,7 @@ def rebase_revert(ledger: Ledger, target_ref: str, *, device: str = "auto", prog
         if len(req_json) == 1 and not isinstance(old.request, list):
             req_json = req_json[0]
         ev = ledger.append(old.type, request=req_json, method=old.method, config=old.config,
-                           ensemble=dict(res.ensemble), metrics=metrics, delta=res.delta, expect_head=head,
+                           ensemble=with_inputs(res.ensemble, (old.ensemble or {}).get("inputs") or {}), metrics=metrics, delta=res.delta, expect_head=head,
                            message=old.message)
         out.added.append(ev)
         head = ev.id

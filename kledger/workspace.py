@@ -31,7 +31,7 @@ from kledger.ledger.deltas import accumulate
 from kledger.ledger.errors import AuditThresholdError, StateError, UsageError
 from kledger.ledger.records import Event, FactRequest
 from kledger.ledger.store import Ledger
-from kledger.editing import edit_context, make_editor, method_states, write_exact
+from kledger.editing import edit_context, input_digests, make_editor, method_states, with_inputs, write_exact
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,7 @@ class Workspace:
         one (a forget/learn *set*); otherwise a single request is recorded as an object.
         """
         editor = make_editor(method, overrides)
+        inputs = input_digests(editor)  # the files its config names, checked and hashed before any work
         if self.guard:
             from kledger.audit.probes import latest_probes_event
 
@@ -263,7 +264,7 @@ class Workspace:
                     if len(res.requests) == 1 and not list_requests:
                         req_json = req_json[0]
                     ev = self.ledger.append(
-                        editor.event_type, request=req_json, method=method, config=config, ensemble=dict(res.ensemble),
+                        editor.event_type, request=req_json, method=method, config=config, ensemble=with_inputs(res.ensemble, inputs),
                         metrics=metrics, delta=res.delta, expect_head=head.id, message=message,
                     )
                     head = ev
