@@ -90,6 +90,11 @@ class UltraEditConfig:
     # after many turns (a fifth of CounterFact's, most of zsRE's hit max_turns at 1.0) get larger steps
     step_growth: float = 1.0
     extra_turns: int = 0  # turns a request keeps taking after its target became top-1
+    # per-row stop: a row inside the answer (or at the prompt's end) is left out of a turn once the token it
+    # predicts is already the argmax; only the subject's row and the rows still short keep writing. Without it
+    # a settled row's near-zero gradient normalises to −m/s (the running mean's direction) and is written
+    # at a common token's key every later turn of its request
+    row_stop: bool = False
     norm_prior: float = 16.0  # pseudo-rows of the isotropic prior of the lifelong normaliser
     norm_eps: float = 1e-8  # ε added to the variance (relative to the pooled mean square)
     split_batch: bool = True  # one EditResult (its rows' share) per request
@@ -339,7 +344,7 @@ class UltraEditEditor(Editor):
                 if not active:
                     break
                 keep = set(active)
-                rows = [r for r, o in enumerate(ft.owners) if cand[o] in keep]
+                rows = [r for r, o in enumerate(ft.owners) if cand[o] in keep and not (cfg.row_stop and ft.settled[r])]
                 owners = [cand[ft.owners[r]] for r in rows]
                 for i in active:
                     turns_taken[i] += 1

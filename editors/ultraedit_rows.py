@@ -27,6 +27,8 @@ class Turn:
     owners: list[int]  # request index of each row
     top1: list[bool]  # per request of the pass: every target token is the argmax
     nll: list[float]
+    # per row: it is a target-predicting position (not the subject's row) whose next token is already the argmax
+    settled: list[bool]
 
 
 def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], requests: Sequence[FactRequest],
@@ -34,11 +36,12 @@ def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], request
     """Keys and output gradients at the positions that predict target tokens (one padded batch)."""
     dev = input_device(model)  # inputs go where the embedding is (device maps)
     enc, spans = encode_pairs(tok, [r.prompt for r in requests], [r.target_new for r in requests], dev)
-    rows = []
+    rows, subject_rows = [], set()
     for i, (r, (s, e)) in enumerate(zip(requests, spans)):
         if positions in ("subject", "both", "answer"):
             if r.subject is None:
                 raise UsageError(f"ultraedit positions={positions!r} needs a subject; found none for {r.prompt!r}")
+            subject_rows.add(len(rows))
             rows.append((i, subject_last_index(tok, r.prompt, r.subject)))
         if positions in ("target", "both"):
             rows.extend((i, p) for p in range(s - 1, e - 1))
@@ -83,12 +86,14 @@ def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], request
         counts = torch.zeros(n, device=dev).index_add_(0, ri, torch.ones_like(tok_nll))
         per_req = torch.zeros(n, device=dev).index_add_(0, ri, tok_nll) / counts
         top1 = [bool(hit[ri == i].all()) for i in range(n)]
+        hit_at = dict(zip(hit_rows, hit.tolist()))
+        settled = [j not in subject_rows and hit_at.get(row, False) for j, row in enumerate(rows)]
         keys = {l: rows_at(tr[l].input, ki, kp) for l in layers}  # each on its layer's device
         grads = {}
         if with_grad:
             gs = torch.autograd.grad(per_req.sum(), [outs[l] for l in layers])
             grads = {l: rows_at(g, ki, kp) for l, g in zip(layers, gs)}
-    return Turn(keys, grads, [i for i, _ in rows], top1, [float(x) for x in per_req.detach()])
+    return Turn(keys, grads, [i for i, _ in rows], top1, [float(x) for x in per_req.detach()], settled)
 
 
 def context_keys(model: nn.Module, tok, sites: Sites, layers: Sequence[int], requests: Sequence[FactRequest],

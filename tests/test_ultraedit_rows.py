@@ -1,0 +1,61 @@
+"""UltraEdit's rows (``editors/ultraedit_rows.py``): which rows a turn has settled, and ``row_stop``,
+which leaves settled rows inside the answer out of the solve (tiny model)."""
+
+from __future__ import annotations
+
+import torch
+
+from kledger.editors.models import load_model
+from kledger.editors.sites import sites_for
+from kledger.editors.tokens import pair_ids
+from kledger.editors.ultraedit import UltraEditConfig, UltraEditEditor
+from kledger.editors.ultraedit_rows import features
+from kledger.editors.base import EditContext
+from kledger.ledger.records import FactRequest
+
+PROMPT, SUBJECT = "Danielle Darrieux mother tongue", "Danielle Darrieux"
+
+
+def _settled_target(model, tok) -> str:
+    """A 3-token target whose 2nd and 3rd tokens are the model's own argmax after the tokens before
+    them (teacher-forced), so the two rows inside the answer are settled before any edit."""
+    for first in range(3, len(tok)):
+        ids, s, _ = pair_ids(tok, PROMPT, tok.decode([first]))
+        if ids[s:] != [first]:
+            continue
+        seq = list(ids)
+        for _ in range(2):
+            with torch.no_grad():
+                seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+        text = tok.decode(seq[s:])
+        if text.startswith(" ") and pair_ids(tok, PROMPT, text)[0] == seq:  # a request keeps a leading space
+            return text
+    raise AssertionError("no round-tripping 3-token target found")
+
+
+def test_settled_rows_are_answer_rows_whose_next_token_is_the_argmax(tiny_llama_dir):
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    target = _settled_target(model, tok)
+    req = FactRequest(PROMPT, target, subject=SUBJECT)
+    ft = features(model, tok, sites_for(model), [0], [req], with_grad=False, positions="answer")
+    assert ft.owners == [0, 0, 0]  # the subject's row, then the rows at the answer's 1st and 2nd tokens
+    assert ft.settled == [False, True, True]
+    both = features(model, tok, sites_for(model), [0], [req], with_grad=False, positions="both")
+    assert len(both.settled) == 4 and both.settled[0] is False and both.settled[2:] == [True, True]
+
+
+def test_row_stop_leaves_settled_rows_out_of_the_solve(tiny_llama_dir):
+    """With ``row_stop`` the first turn writes the subject's row and the prompt-end row only (rank 2 per
+    layer, the settled answer rows left out); without it all four rows (rank 4)."""
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    req = FactRequest(PROMPT, _settled_target(model, tok), subject=SUBJECT)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ranks = {}
+    for stop in (False, True):
+        cfg = UltraEditConfig(lr=2.0, ridge=1e-2, max_turns=1, layers=(0, 1), positions="both", row_stop=stop,
+                              preserve_weight=0.0)
+        [res] = UltraEditEditor(cfg).compute(model, tok, [req], EditContext())
+        ranks[stop] = set(res.ensemble["rank"].values())
+    assert ranks == {False: {4}, True: {2}}
+    for n, p in model.named_parameters():  # the working copy is restored
+        assert torch.equal(p, before[n]), n
