@@ -117,3 +117,16 @@ def _with_context_rows(K: torch.Tensor, Gn: torch.Tensor, V: torch.Tensor, owner
     src = torch.tensor([first[i] for i in order for _ in range(m)], device=Gn.device)
     Vp = -lr * (P * P).sum(1, keepdim=True).to(Gn.dtype) * Gn[src]
     return torch.cat([K, P]), torch.cat([V, Vp.to(V.dtype)]), owners + [i for i in order for _ in range(m)]
+
+
+def _with_context_mean(K: torch.Tensor, owners: list[int], ctx_k: torch.Tensor) -> torch.Tensor:
+    """``K`` with each active request's subject row (its first) replaced by the mean of that key and its
+    context-prefix keys (MEMIT's averaged key): one row per request, a key shared by the subject's contexts."""
+    K = K.clone()
+    seen: set[int] = set()
+    for j, o in enumerate(owners):
+        if o in seen:
+            continue
+        seen.add(o)
+        K[j] = (K[j] + ctx_k[o].to(K.device, K.dtype).sum(0)) / (1 + ctx_k.shape[1])
+    return K

@@ -59,3 +59,21 @@ def test_row_stop_leaves_settled_rows_out_of_the_solve(tiny_llama_dir):
     assert ranks == {False: {4}, True: {2}}
     for n, p in model.named_parameters():  # the working copy is restored
         assert torch.equal(p, before[n]), n
+
+
+def test_context_mean_replaces_each_requests_first_row_by_the_mean_key():
+    import pytest
+
+    from kledger.editors.ultraedit_rows import _with_context_mean
+
+    g = torch.Generator().manual_seed(0)
+    K = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    ctx = torch.randn(3, 2, 4, generator=g)  # 3 requests, 2 prefixes each
+    owners = [2, 2, 0, 0, 0]  # request 1 not active this turn
+    got = _with_context_mean(K, owners, ctx)
+    torch.testing.assert_close(got[0], (K[0] + ctx[2, 0].double() + ctx[2, 1].double()) / 3)
+    torch.testing.assert_close(got[2], (K[2] + ctx[0].double().sum(0)) / 3)
+    for j in (1, 3, 4):  # rows inside answers are kept as read
+        assert torch.equal(got[j], K[j])
+    with pytest.raises(ValueError, match="context_mode must be rows or mean"):
+        UltraEditConfig(context_mode="sum")
