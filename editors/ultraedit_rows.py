@@ -32,8 +32,11 @@ class Turn:
 
 
 def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], requests: Sequence[FactRequest],
-             with_grad: bool = True, positions: str = "target") -> Turn:
-    """Keys and output gradients at the positions that predict target tokens (one padded batch)."""
+             with_grad: bool = True, positions: str = "target", first_weight: float = 1.0) -> Turn:
+    """Keys and output gradients at the positions that predict target tokens (one padded batch).
+
+    A request's loss is the weighted mean NLL of its target tokens, the first token weighted
+    ``first_weight`` and the others 1 (1: the plain mean)."""
     dev = input_device(model)  # inputs go where the embedding is (device maps)
     enc, spans = encode_pairs(tok, [r.prompt for r in requests], [r.target_new for r in requests], dev)
     rows, subject_rows = [], set()
@@ -83,8 +86,9 @@ def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], request
         tok_nll = -logp.gather(1, tgt[:, None])[:, 0]
         hit = logits.argmax(-1) == tgt
         n = len(requests)
-        counts = torch.zeros(n, device=dev).index_add_(0, ri, torch.ones_like(tok_nll))
-        per_req = torch.zeros(n, device=dev).index_add_(0, ri, tok_nll) / counts
+        w = torch.tensor([first_weight if p == spans[i][0] - 1 else 1.0 for i, p in hit_rows], device=dev)
+        counts = torch.zeros(n, device=dev).index_add_(0, ri, w)
+        per_req = torch.zeros(n, device=dev).index_add_(0, ri, w * tok_nll) / counts
         top1 = [bool(hit[ri == i].all()) for i in range(n)]
         hit_at = dict(zip(hit_rows, hit.tolist()))
         settled = [j not in subject_rows and hit_at.get(row, False) for j, row in enumerate(rows)]

@@ -77,3 +77,21 @@ def test_context_mean_replaces_each_requests_first_row_by_the_mean_key():
         assert torch.equal(got[j], K[j])
     with pytest.raises(ValueError, match="context_mode must be rows or mean"):
         UltraEditConfig(context_mode="sum")
+
+
+def test_first_weight_weights_the_answers_first_token_in_the_loss(tiny_llama_dir):
+    """A request's loss: (w·nll₀ + Σ nll_t) / (w + n − 1) over its target tokens; w = 1 is the plain mean."""
+    import pytest
+
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    req = FactRequest(PROMPT, " Eiffel river the", subject=SUBJECT)
+    ids, s, e = pair_ids(tok, PROMPT, req.target_new)
+    assert e - s == 3
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    nll = [-float(logp[p, ids[p + 1]]) for p in range(s - 1, e - 1)]
+    for w in (1.0, 4.0):
+        ft = features(model, tok, sites_for(model), [0], [req], with_grad=False, positions="answer", first_weight=w)
+        assert ft.nll[0] == pytest.approx((w * nll[0] + nll[1] + nll[2]) / (w + 2), rel=1e-5)
+    with pytest.raises(ValueError, match="first_weight must be > 0"):
+        UltraEditConfig(first_weight=0.0)
