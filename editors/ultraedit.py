@@ -35,7 +35,8 @@ uninterrupted run, and a reverted event's rows leave the statistics with it.
 
 Every closed form is linear in the columns of ``V``, so with ``split_batch`` each request's
 event holds the rank-(its rows) share and the shares sum to the batch update exactly.
-Defaults were chosen on the lifelong benchmark (bench/lifelong.py; bench/results/lifelong.md).
+The rows a turn reads live in ``editors/ultraedit_rows.py``, the normaliser's statistics and the solve
+in ``editors/ultraedit_solve.py``. Defaults were chosen on the lifelong benchmark (bench/lifelong.py; bench/results/lifelong.md).
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
+from kledger.editors.ultraedit_solve import GradStats, _history_keys, _state_stats, history_factor, ridge_factors
 from kledger.editors.ultraedit_rows import _with_context_mean, _with_context_rows, context_keys, features
 from kledger.editors.sites import num_layers, sites_for
 from kledger.editors.entitystats import entity_covariances, fact_covariances
@@ -96,7 +98,9 @@ class UltraEditConfig:
     # 0.087 vs 0.109 (4 of 183 facts): settled rows keep their tokens in place while the subject's row moves
     row_stop: bool = False
     # weight of the answer's first token in a request's loss (the others 1): zsRE's misses are first tokens
-    # (teacher-forced accuracy 0.65 vs 0.93 on the later ones), whose share of a 3-token answer's mean is a third
+    # (teacher-forced accuracy 0.65 vs 0.93 on the later ones), whose share of a 3-token answer's mean is a third.
+    # 1: on 100 zsRE edits from the base (λ_f 5000) a weight of 4 lowered token accuracy 0.790 → 0.747 and
+    # paraphrase 0.559 → 0.500 at the same retention drop (0.027)
     first_weight: float = 1.0
     norm_prior: float = 16.0  # pseudo-rows of the isotropic prior of the lifelong normaliser
     norm_eps: float = 1e-8  # ε added to the variance (relative to the pooled mean square)
@@ -160,104 +164,6 @@ class UltraEditConfig:
             raise ValueError(f"step_growth must be ≥ 1, found {self.step_growth}")
         if self.max_turns < 1 or self.extra_turns < 0:
             raise ValueError(f"max_turns must be ≥ 1 and extra_turns ≥ 0, found {self.max_turns}, {self.extra_turns}")
-
-
-@dataclass
-class GradStats:
-    """Sufficient statistics of gradient rows: count, Σg, Σg² (float64, per dimension)."""
-
-    count: torch.Tensor
-    total: torch.Tensor
-    sq: torch.Tensor
-
-    @classmethod
-    def zeros(cls, dim: int) -> "GradStats":
-        z = torch.zeros(dim, dtype=torch.float64)
-        return cls(torch.zeros(1, dtype=torch.float64), z, z.clone())
-
-    @classmethod
-    def of(cls, G: torch.Tensor) -> "GradStats":
-        G = G.double().cpu()
-        return cls(torch.tensor([float(G.shape[0])], dtype=torch.float64), G.sum(0), (G * G).sum(0))
-
-    def __add__(self, other: "GradStats") -> "GradStats":
-        return GradStats(self.count + other.count, self.total + other.total, self.sq + other.sq)
-
-    def normalise(self, G: torch.Tensor, prior: float, eps: float) -> torch.Tensor:
-        """``(G − m) / sqrt(s² + ε)`` with m, s² shrunk toward (0, pooled mean square) by ``prior`` rows."""
-        n = float(self.count)
-        pooled = float(self.sq.sum()) / max(n * self.sq.numel(), 1.0)
-        mean = self.total / (n + prior)
-        var = (self.sq + prior * pooled) / (n + prior) - mean * mean
-        var = var.clamp_min(0) + eps * max(pooled, 1e-30)
-        return (G.double().cpu() - mean) / var.sqrt()
-
-
-def _state_stats(states: Sequence[Mapping[str, torch.Tensor]], layer: int, dim: int) -> GradStats:
-    total = GradStats.zeros(dim)
-    for j, st in enumerate(states):
-        if f"gsum.{layer}" not in st:
-            continue
-        s = GradStats(st[f"gcount.{layer}"].double(), st[f"gsum.{layer}"].double(), st[f"gsq.{layer}"].double())
-        if s.total.shape != (dim,):
-            raise UsageError(f"history state {j}: expected gsum.{layer} of shape ({dim},), found {tuple(s.total.shape)}")
-        total = total + s
-    return total
-
-
-def _history_keys(states: Sequence[Mapping[str, torch.Tensor]], layer: int, dim: int,
-                  device: torch.device | str = "cpu") -> torch.Tensor | None:
-    """``Σ K_e K_eᵀ`` over earlier events' keys (float64, on ``device``: the layer's)."""
-    mats = [st[f"keys.{layer}"] for st in states if f"keys.{layer}" in st]
-    for K in mats:
-        if K.ndim != 2 or K.shape[0] != dim:
-            raise UsageError(f"history state: expected keys.{layer} of shape ({dim}, n), found {tuple(K.shape)}")
-    if not mats:
-        return None
-    K = torch.cat([m.to(device, torch.float64) for m in mats], dim=1)
-    return K @ K.T
-
-
-def ridge_factors(K: torch.Tensor, V: torch.Tensor, lam: float, H: torch.Tensor | None, mu: float,
-                  chol: torch.Tensor | None = None) -> torch.Tensor:
-    """``M = S⁻¹Kᵀ`` (in×rows, float64) with ``S = KᵀK + μH + λI``, so that ``ΔW = Vᵀ Mᵀ``.
-
-    Without history the push-through identity ``(KᵀK + λI)⁻¹Kᵀ = Kᵀ(KKᵀ + λI)⁻¹`` keeps the
-    solve rows×rows. With history, ``A = μH + λI`` is factorised once (``chol``, see
-    ``history_factor``, which may also hold ``λ_c C0``) and Woodbury's identity gives ``S⁻¹Kᵀ = A⁻¹Kᵀ (I + K A⁻¹ Kᵀ)⁻¹``."""
-    K = K.double()
-    eye = torch.eye(K.shape[0], dtype=torch.float64, device=K.device)
-    if chol is None and (H is None or mu == 0):
-        return K.T @ torch.linalg.inv(K @ K.T + lam * eye)
-    if chol is None:
-        chol = history_factor(H, lam, mu)
-    AinvKt = chol_solve(chol.to(K.device), K.T.contiguous())
-    return AinvKt @ torch.linalg.inv(eye + K @ AinvKt)
-
-
-def chol_solve(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``A⁻¹B`` from the lower Cholesky factor ``L`` of ``A``, as two triangular solves: unlike
-    ``torch.cholesky_solve``, which copies the in×in factor into a column-major buffer at every
-    call (0.5 GiB a layer for an 8192-wide MLP), these read ``L`` in place."""
-    y = torch.linalg.solve_triangular(L, B, upper=False)
-    return torch.linalg.solve_triangular(L.mT, y, upper=True)
-
-
-def history_factor(H: torch.Tensor | None, lam: float, mu: float, C0: torch.Tensor | None = None,
-                   lam_c: float = 0.0, Ce: torch.Tensor | None = None, lam_e: float = 0.0) -> torch.Tensor:
-    """Cholesky factor of ``A = μH + λ_c C0 + λ_e C_ent + λI`` (float64, on the device of
-    ``H``/``C0``), shared by every turn of a batch."""
-    ref = H if H is not None else C0
-    if C0 is not None and lam_c:  # A starts as the float64 copy of C0, scaled in place: one in×in buffer
-        A = C0.to(ref.device, torch.float64, copy=True).mul_(lam_c)
-    else:
-        A = torch.zeros(ref.shape[0], ref.shape[0], dtype=torch.float64, device=ref.device)
-    A.diagonal().add_(lam)
-    if H is not None and mu:
-        A.add_(H.to(ref.device, torch.float64), alpha=mu)
-    if Ce is not None and lam_e:
-        A.add_(Ce.to(ref.device), alpha=lam_e)  # widened element-wise: no float64 copy of C_ent
-    return torch.linalg.cholesky(A, out=A)  # factorised in its own buffer (LAPACK's potrf is in place)
 
 
 class UltraEditEditor(Editor):

@@ -11,8 +11,8 @@ import torch
 from kledger.editors.base import EditContext
 from kledger.editors.models import load_model
 from kledger.editors.scoring import score_targets
-from kledger.editors.ultraedit import (GradStats, UltraEditConfig, UltraEditEditor, _state_stats, history_factor,
-                                       ridge_factors)
+from kledger.editors.ultraedit import UltraEditConfig, UltraEditEditor
+from kledger.editors.ultraedit_solve import GradStats, _state_stats, history_factor, ridge_factors
 from kledger.ledger.deltas import accumulate
 from kledger.ledger.records import FactRequest
 
@@ -254,7 +254,7 @@ def _peak_kib() -> int:
 def test_chol_solve_matches_solve_and_reads_the_factor_in_place():
     """The ridge solve's ``A⁻¹B`` equals ``torch.linalg.solve``, and it allocates no copy of the
     in×in factor (``torch.cholesky_solve`` did: +0.5 GiB a layer on the 1B shape's 8192-wide MLP)."""
-    from kledger.editors.ultraedit import chol_solve
+    from kledger.editors.ultraedit_solve import chol_solve
 
     g = torch.Generator().manual_seed(0)
     n = 3072  # a 72 MiB float64 factor
