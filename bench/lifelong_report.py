@@ -56,10 +56,11 @@ def plot(rows: list[dict], path: Path) -> None:
     names = list(dict.fromkeys(r["name"] for r in rows))
     fig, axes = plt.subplots(3, 3, figsize=(13, 10))
     for ax, (key, title) in zip(axes.flat, METRICS):
-        for n in names:
+        for i, n in enumerate(names):
             pts = [(r["edits"], r.get(key)) for r in rows if r["name"] == n and r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=n)
+            if pts:  # the colour cycle has 10 colours: runs past the tenth are dashed with square markers
+                ax.plot(*zip(*pts), marker="os"[i // 10 % 2], ms=3, ls=("-", "--")[i // 10 % 2], color=f"C{i % 10}",
+                        label=n)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("sequential edits", fontsize=8)
         ax.grid(alpha=0.3)
