@@ -193,9 +193,8 @@ def resolve(ledger: "Ledger", plan: "MergePlan", *, device: str, progress: bool,
     if not groups:
         info["note"] = "no side edit of a batch-solving method; resolve equals sum"
         return None, info
-    configs = {}  # per group: its config, input files checked against every event's record
-    for key, evs in groups.items():
-        configs[key] = [recompute_config(e) for e in evs][0]
+    # per group: its config; every event's input files are checked against its record before any work
+    configs = {key: [recompute_config(e) for e in evs][0] for key, evs in groups.items()}
     recomputed = {e.id for g in groups.values() for e in g}
     drop = set(plan.dropped())
     start = [i for i in plan.merged_live if i not in recomputed and i not in drop]
