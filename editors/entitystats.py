@@ -18,7 +18,8 @@ stopped forward pass; cached per layer under ``keystats/`` with the corpus hash 
 
 ``fact_covariances``: ``C_facts = E[k kᵀ]`` over every token of a file of known facts (prompt and
 answer, e.g. ``known_1000.json``): the keys of the kind of sentence whose answers an audit checks.
-Cached the same way, keyed by the file's hash.
+Cached the same way, keyed by the file's hash. ``sampled_fact_covariances``: the same over fact
+sentences the model writes itself (``editors/factsample.py``), for a user without such a file.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch.nn as nn
 
 from kledger.editors import stats as S
 from kledger.editors.base import EditContext
+from kledger.editors.factsample import FACT_OPENERS, fact_sample_descriptor, sample_fact_windows
 from kledger.editors.hooks import KeyAccumulator, StopForward, input_device
 from kledger.editors.sites import sites_for
 from kledger.editors.tokens import pad, pad_id
@@ -153,6 +155,24 @@ def fact_covariances(model: nn.Module, tok, layers: Sequence[int], ctx: EditCont
                                               windows, lambda pieces: [True] * len(pieces))
     desc = {"kind": "facts", "facts": len(sentences), "tokens": count, "file_sha256": sha, "cache_keys": keys,
             "time_s": round(time.perf_counter() - t0, 3)}
+    return result, desc
+
+
+@torch.no_grad()
+def sampled_fact_covariances(model: nn.Module, tok, layers: Sequence[int], ctx: EditContext, *, per_opener: int,
+                             new_tokens: int = 16) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """``C_facts`` over fact sentences sampled from the model (``editors/factsample.py``): no file needed."""
+    t0 = time.perf_counter()
+    sample = fact_sample_descriptor(per_opener, new_tokens, ctx.seed)
+
+    def windows(cdir: Path | None, fp: str) -> list[list[int]]:
+        return sample_fact_windows(model, tok, per_opener, new_tokens, ctx.seed)
+
+    result, keys, count = _masked_covariances(model, tok, layers, ctx, f"facts:{sample['sha256']}",
+                                              per_opener * len(FACT_OPENERS), new_tokens + 16, windows,
+                                              lambda pieces: [True] * len(pieces))
+    desc = {"kind": "sampled-facts", "facts": per_opener * len(FACT_OPENERS), "tokens": count,
+            "sample_sha256": sample["sha256"], "cache_keys": keys, "time_s": round(time.perf_counter() - t0, 3)}
     return result, desc
 
 

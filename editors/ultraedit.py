@@ -53,7 +53,7 @@ from kledger.editors.base import EditContext, Editor, EditResult, preserved
 from kledger.editors.ultraedit_solve import GradStats, _history_keys, _state_stats, history_factor, ridge_factors
 from kledger.editors.ultraedit_rows import _with_context_mean, _with_context_rows, context_keys, features
 from kledger.editors.sites import num_layers, sites_for
-from kledger.editors.entitystats import entity_covariances, fact_covariances
+from kledger.editors.entitystats import entity_covariances, fact_covariances, sampled_fact_covariances
 from kledger.editors.stats import key_covariances
 from kledger.ledger.deltas import Delta, LowRankDelta
 from kledger.ledger.errors import NumericalError, UsageError
@@ -129,11 +129,13 @@ class UltraEditConfig:
     # λ_e: weight of C_ent, the covariance of the corpus's keys at names only (editors/entitystats.py):
     # the keys through which a sequence damages known facts; 0: off
     entity_weight: float = 0.0
-    # λ_f: weight of C_facts, the covariance of the keys at every token of a file of known facts
-    # (``preserve_facts``: known_1000.json records, {"prompt", "answer"} or [prompt, answer]), the kind of
-    # sentence whose answers a sequence must keep (editors/entitystats.py); 0: off
+    # λ_f: weight of C_facts, the covariance of the keys at every token of known facts, the kind of
+    # sentence whose answers a sequence must keep (editors/entitystats.py); 0: off. The facts: a file
+    # (``preserve_facts``: known_1000.json records, {"prompt", "answer"} or [prompt, answer]), or without
+    # one, ``facts_samples`` sentences per opener that the model writes itself (editors/factsample.py)
     facts_weight: float = 0.0
     preserve_facts: str | None = None
+    facts_samples: int = 32
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list):
@@ -146,9 +148,11 @@ class UltraEditConfig:
                self.facts_weight) < 0:
             raise ValueError("history_weight, norm_prior, norm_eps, preserve_weight, entity_weight and facts_weight "
                              "must be ≥ 0")
-        if (self.facts_weight > 0) != (self.preserve_facts is not None):
-            raise ValueError("facts_weight > 0 and preserve_facts (a JSON file of known facts) go together, found "
-                             f"facts_weight={self.facts_weight}, preserve_facts={self.preserve_facts!r}")
+        if self.preserve_facts is not None and not self.facts_weight > 0:
+            raise ValueError("preserve_facts (a JSON file of known facts) needs facts_weight > 0, found "
+                             f"facts_weight={self.facts_weight}")
+        if self.facts_samples < 1:
+            raise ValueError(f"facts_samples must be ≥ 1, found {self.facts_samples}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, found {self.positions!r}")
         if self.context_prefixes < 0 or self.prefix_tokens < 1:
@@ -204,7 +208,9 @@ class UltraEditEditor(Editor):
                                                                   seed=ctx.seed)
             parts.append((cfg.entity_weight, cent))
         if cfg.facts_weight > 0:
-            cf, self._stats_desc["facts"] = fact_covariances(model, tok, layers, ctx, cfg.preserve_facts)
+            cf, self._stats_desc["facts"] = (
+                fact_covariances(model, tok, layers, ctx, cfg.preserve_facts) if cfg.preserve_facts is not None
+                else sampled_fact_covariances(model, tok, layers, ctx, per_opener=cfg.facts_samples))
             parts.append((cfg.facts_weight, cf))
         for l in layers:
             for w, cov in parts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kledger.editors.base import EditContext
@@ -88,5 +89,44 @@ def test_fact_covariance_is_the_mean_outer_product_over_every_token(tmp_path, ti
         rows.append(t.input[0])
     K = torch.cat(rows).double()
     assert desc["tokens"] == K.shape[0] and desc["facts"] == 2
+    torch.testing.assert_close(C[0], (K.T @ K / K.shape[0]).float(), rtol=1e-4, atol=1e-6)
+    assert torch.equal(C[0], again[0])
+
+
+def test_sampled_facts_open_with_the_openers_stop_at_a_line_break_and_repeat_by_seed(tiny_llama_dir):
+    from kledger.editors.factsample import FACT_OPENERS, _cut, sample_fact_windows
+
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    w = sample_fact_windows(model, tok, 2, 6, seed=3)
+    assert len(w) == 2 * len(FACT_OPENERS)
+    for j, opener in enumerate(FACT_OPENERS):
+        ids = tok(opener, add_special_tokens=False)["input_ids"]
+        for row in w[2 * j: 2 * j + 2]:
+            assert row[: len(ids)] == ids and len(ids) <= len(row) <= len(ids) + 6
+            assert all("\n" not in tok.decode([i]) for i in row[len(ids):])
+    assert w == sample_fact_windows(model, tok, 2, 6, seed=3)
+    assert w != sample_fact_windows(model, tok, 2, 6, seed=4)
+    assert _cut([5, 6, 7, 9, 8], 2, {9}) == [5, 6, 7] and _cut([5, 9, 7], 2, {9}) == [5, 9, 7]
+
+
+def test_sampled_fact_covariance_is_the_mean_outer_product_over_the_sampled_sentences(tmp_path, tiny_llama_dir,
+                                                                                     monkeypatch):
+    import kledger.editors.entitystats as E
+    from kledger.editors.factsample import sample_fact_windows
+    from kledger.editors.hooks import Trace
+    from kledger.editors.sites import sites_for
+
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    ctx = EditContext(cache_dir=tmp_path / "cache", seed=5)
+    C, desc = E.sampled_fact_covariances(model, tok, [0], ctx, per_opener=1, new_tokens=4)
+    monkeypatch.setattr(E, "sample_fact_windows", lambda *a, **k: pytest.fail("sampled again despite the cache"))
+    again, _ = E.sampled_fact_covariances(model, tok, [0], ctx, per_opener=1, new_tokens=4)
+    rows = []
+    for ids in sample_fact_windows(model, tok, 1, 4, seed=5):
+        with Trace(model, sites_for(model).mlp_out.format(0), retain_input=True, retain_output=False) as t:
+            model(input_ids=torch.tensor([ids]))
+        rows.append(t.input[0])
+    K = torch.cat(rows).double()
+    assert desc["kind"] == "sampled-facts" and desc["tokens"] == K.shape[0]
     torch.testing.assert_close(C[0], (K.T @ K / K.shape[0]).float(), rtol=1e-4, atol=1e-6)
     assert torch.equal(C[0], again[0])

@@ -393,11 +393,33 @@ def test_facts_weight_adds_the_known_fact_covariance_and_shields_those_keys(tmp_
         [dW] = [v.double() for v in _dense(r.delta).values()]
         moved.append(float((K @ (dW.T if dW.shape[1] == K.shape[1] else dW)).norm()))
     assert moved[0] > moved[1] > moved[2] and moved[2] < 0.5 * moved[0]
-    with pytest.raises(ValueError, match="go together"):
-        UltraEditConfig(facts_weight=1.0)
-    with pytest.raises(ValueError, match="go together"):
+    with pytest.raises(ValueError, match="needs facts_weight > 0"):
         UltraEditConfig(preserve_facts=str(facts))
+    with pytest.raises(ValueError, match="facts_samples must be ≥ 1"):
+        UltraEditConfig(facts_weight=1.0, facts_samples=0)
 
+
+
+def test_facts_weight_without_a_file_preserves_the_facts_the_model_writes(tmp_path, tiny_llama_dir, monkeypatch):
+    """No ``preserve_facts``: C_facts comes from fact sentences sampled from the model (no file, no input digest)."""
+    import kledger.editors.ultraedit as U
+    from kledger.editors.entitystats import sampled_fact_covariances
+    from kledger.editors.stats import key_covariances
+
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    ctx = EditContext(cache_dir=tmp_path / "cache")
+    seen = []
+    real = U.history_factor
+    monkeypatch.setattr(U, "history_factor", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    cfg = UltraEditConfig(**dict(CFG, layers=(0,), history_weight=0, preserve_weight=3.0, stats_tokens=128,
+                                 facts_weight=11.0, facts_samples=1))
+    [res] = UltraEditEditor(cfg).compute(model, tok, [REQS[0]], ctx)
+    C0, _ = key_covariances(model, tok, [0], ctx, n_tokens=128)
+    Cf, desc = sampled_fact_covariances(model, tok, [0], ctx, per_opener=1)
+    A = 3.0 * C0[0].double() + 11.0 * Cf[0].double() + CFG["ridge"] * torch.eye(C0[0].shape[0], dtype=torch.float64)
+    torch.testing.assert_close(seen[0] @ seen[0].T, A)
+    assert res.ensemble["stats"]["facts"]["kind"] == "sampled-facts" == desc["kind"]
+    assert res.ensemble["stats"]["facts"]["sample_sha256"] == desc["sample_sha256"]
 
 def test_ultraedit_layers_by_depth():
     from kledger.editors.ultraedit import ultraedit_layers

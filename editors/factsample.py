@@ -1,0 +1,76 @@
+"""Fact-shaped sentences sampled from the model itself: a known-facts corpus kledger builds offline.
+
+UltraEdit's ``facts_weight`` adds ``λ_f·C_facts`` to its preservation term: the covariance of the
+keys inside sentences that state facts, the keys through which a sequence of edits damages what the
+model knows (``editors/entitystats.py``). A user may name a file of such facts (``preserve_facts``);
+without one, this module writes the corpus from the model: each of ``FACT_OPENERS`` (a relation
+that asks for an entity, or an entity's kind that asks for its name) is continued by top-k sampling,
+``per_opener`` times, for ``new_tokens`` tokens, cut at the first line break. The model names the
+entities and states what it believes about them, so the statistics describe the model's own
+knowledge, not any evaluation set.
+
+Deterministic: the openers of ``n`` tokens are sampled as one batch (no padding) with a
+``torch.Generator`` seeded from ``(seed, n)``; the description (openers, counts, seed, top-k)
+is hashed into the covariance cache key, so a changed recipe never reads a stale cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from kledger.editors.hooks import input_device
+from kledger.editors.stats import SAMPLE_TOP_K, banned_ids, sample_continuations
+
+#: Openers of the sampled fact sentences: relations that ask for an entity and its attribute, and
+#: kinds of entity that make the model name one and say something about it (places, people,
+#: organisations, works, products: the kinds of subject a knowledge edit names).
+FACT_OPENERS = (
+    "The capital of", "The official language of", "The headquarters of", "The founder of", "The author of",
+    "The mother tongue of", "The currency of", "The largest city of", "The religion of", "The director of",
+    "The home country of", "The original language of", "The manufacturer of", "The inventor of",
+    "The French actor", "The American singer", "The British writer", "The German composer",
+    "The Italian painter", "The Japanese company", "The football club", "The television series",
+    "The album", "The novel", "The river", "The mountain", "The university", "The airport",
+    "The car model", "The video game", "The politician", "The scientist", "The city of",
+    "The band", "The newspaper", "The island of",
+)
+
+
+def fact_sample_descriptor(per_opener: int, new_tokens: int, seed: int) -> dict[str, Any]:
+    """JSON-able identity of the sampled facts (its hash tags the covariance cache)."""
+    desc = {"kind": "sampled-facts", "openers": list(FACT_OPENERS), "per_opener": per_opener,
+            "new_tokens": new_tokens, "seed": seed, "top_k": SAMPLE_TOP_K, "batches": "by opener length"}
+    desc["sha256"] = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+    return desc
+
+
+@torch.no_grad()
+def sample_fact_windows(model: nn.Module, tok, per_opener: int, new_tokens: int, seed: int) -> list[list[int]]:
+    """Token windows of the sampled fact sentences: opener + continuation up to its first line break."""
+    if per_opener < 1 or new_tokens < 1:
+        raise ValueError(f"per_opener and new_tokens must be ≥ 1, found {per_opener}, {new_tokens}")
+    dev, ban = input_device(model), banned_ids(tok)
+    newline = {i for i in range(len(tok)) if "\n" in tok.decode([i])}
+    opener_ids = [tok(o, add_special_tokens=False)["input_ids"] for o in FACT_OPENERS]
+    out: dict[int, list[int]] = {}
+    for n in sorted({len(x) for x in opener_ids}):  # openers of one length are one batch (no padding)
+        group = [j for j, x in enumerate(opener_ids) if len(x) == n]
+        start = torch.tensor([opener_ids[j] for j in group for _ in range(per_opener)], device=dev)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + 7919 * n) % (2**63 - 1))
+        rows = sample_continuations(model, start, new_tokens, gen, SAMPLE_TOP_K, ban).tolist()
+        for r, j in enumerate(j for j in group for _ in range(per_opener)):
+            out.setdefault(j, []).append(_cut(rows[r], n, newline))
+    return [w for j in range(len(FACT_OPENERS)) for w in out[j]]
+
+
+def _cut(row: Sequence[int], n_open: int, stops: set[int]) -> list[int]:
+    """``row`` up to (not including) its first stop token after the opener."""
+    for p in range(n_open, len(row)):
+        if row[p] in stops:
+            return list(row[:p])
+    return list(row)
