@@ -142,6 +142,11 @@ NEUTRAL_PROMPTS = (
 )
 
 
+def probe_subjects() -> list[str]:
+    """The subjects the default knowledge prompts name (countries, cities, people, …), in a fixed order."""
+    return list(dict.fromkeys(s for _, subjects in _TEMPLATES for s in subjects))
+
+
 def knowledge_prompts() -> list[str]:
     """The default general-knowledge prompts (231), in a fixed order."""
     out = [t.format(s) for t, subjects in _TEMPLATES for s in subjects]

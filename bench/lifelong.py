@@ -138,6 +138,11 @@ def run(args) -> None:
     overrides = dict(kv.split("=", 1) for kv in args.set)
     if args.preserve_known_facts:
         overrides["preserve_facts"] = str(_known_facts_file(workdir, ws))
+    elif float(overrides.get("facts_weight", 0)) > 0:  # facts the model writes: none that names a probe subject
+        from kledger.audit.probes import probe_subjects  # noqa: PLC0415
+
+        overrides["facts_exclude"] = probe_subjects()
+        log.info("sampled facts: leaving out sentences that name one of the %d probe subjects", len(overrides["facts_exclude"]))
     base_loc = _base_locality(workdir, ws, items)
     auditor = None
     done = _done(ledger, args.method)

@@ -160,18 +160,19 @@ def fact_covariances(model: nn.Module, tok, layers: Sequence[int], ctx: EditCont
 
 @torch.no_grad()
 def sampled_fact_covariances(model: nn.Module, tok, layers: Sequence[int], ctx: EditContext, *, per_opener: int,
-                             new_tokens: int = 16) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+                             new_tokens: int = 16, exclude: Sequence[str] = ()
+                             ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
     """``C_facts`` over fact sentences sampled from the model (``editors/factsample.py``): no file needed."""
     t0 = time.perf_counter()
-    sample = fact_sample_descriptor(per_opener, new_tokens, ctx.seed)
+    sample = fact_sample_descriptor(per_opener, new_tokens, ctx.seed, exclude)
 
     def windows(cdir: Path | None, fp: str) -> list[list[int]]:
-        return sample_fact_windows(model, tok, per_opener, new_tokens, ctx.seed)
+        return sample_fact_windows(model, tok, per_opener, new_tokens, ctx.seed, exclude)
 
     result, keys, count = _masked_covariances(model, tok, layers, ctx, f"facts:{sample['sha256']}",
                                               per_opener * len(FACT_OPENERS), new_tokens + 16, windows,
                                               lambda pieces: [True] * len(pieces))
-    desc = {"kind": "sampled-facts", "facts": per_opener * len(FACT_OPENERS), "tokens": count,
+    desc = {"kind": "sampled-facts", "sampled": per_opener * len(FACT_OPENERS), "tokens": count,
             "sample_sha256": sample["sha256"], "cache_keys": keys, "time_s": round(time.perf_counter() - t0, 3)}
     return result, desc
 

@@ -7,7 +7,8 @@ without one, this module writes the corpus from the model: each of ``FACT_OPENER
 that asks for an entity, or an entity's kind that asks for its name) is continued by top-k sampling,
 ``per_opener`` times, for ``new_tokens`` tokens, cut at the first line break. The model names the
 entities and states what it believes about them, so the statistics describe the model's own
-knowledge, not any evaluation set.
+knowledge, not any evaluation set; ``exclude`` drops the sentences that name given strings (the
+lifelong benchmark drops those naming a subject of the audit's probe prompts).
 
 Deterministic: the openers of ``n`` tokens are sampled as one batch (no padding) with a
 ``torch.Generator`` seeded from ``(seed, n)``; the description (openers, counts, seed, top-k)
@@ -28,30 +29,35 @@ from kledger.editors.stats import SAMPLE_TOP_K, banned_ids, sample_continuations
 
 #: Openers of the sampled fact sentences: relations that ask for an entity and its attribute, and
 #: kinds of entity that make the model name one and say something about it (places, people,
-#: organisations, works, products: the kinds of subject a knowledge edit names).
+#: organisations, works, products: the kinds of subject a knowledge edit names). None of them opens a
+#: prompt of the audit's probe set (``audit/probes.py``: capitals, official languages, currencies, …),
+#: so the statistics never hold the probes' own sentence frames.
 FACT_OPENERS = (
-    "The capital of", "The official language of", "The headquarters of", "The founder of", "The author of",
-    "The mother tongue of", "The currency of", "The largest city of", "The religion of", "The director of",
-    "The home country of", "The original language of", "The manufacturer of", "The inventor of",
-    "The French actor", "The American singer", "The British writer", "The German composer",
-    "The Italian painter", "The Japanese company", "The football club", "The television series",
-    "The album", "The novel", "The river", "The mountain", "The university", "The airport",
-    "The car model", "The video game", "The politician", "The scientist", "The city of",
-    "The band", "The newspaper", "The island of",
+    "The mother tongue of", "The home country of", "The original language of", "The manufacturer of",
+    "The director of", "The religion of", "The genre of", "The record label of", "The developer of", "The owner of",
+    "The position of", "The twin city of",
+    "The French actor", "The American singer", "The German composer", "The Italian painter", "The Japanese company",
+    "The football club", "The television series", "The album", "The novel", "The river", "The mountain",
+    "The university", "The airport", "The car model", "The video game", "The politician", "The band",
+    "The newspaper", "The island of", "The Spanish footballer", "The Canadian director", "The Russian poet",
+    "The Indian film", "The software company",
 )
 
 
-def fact_sample_descriptor(per_opener: int, new_tokens: int, seed: int) -> dict[str, Any]:
+def fact_sample_descriptor(per_opener: int, new_tokens: int, seed: int, exclude: Sequence[str] = ()) -> dict[str, Any]:
     """JSON-able identity of the sampled facts (its hash tags the covariance cache)."""
     desc = {"kind": "sampled-facts", "openers": list(FACT_OPENERS), "per_opener": per_opener,
-            "new_tokens": new_tokens, "seed": seed, "top_k": SAMPLE_TOP_K, "batches": "by opener length"}
+            "new_tokens": new_tokens, "seed": seed, "top_k": SAMPLE_TOP_K, "batches": "by opener length",
+            "exclude": sorted(set(exclude))}
     desc["sha256"] = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
     return desc
 
 
 @torch.no_grad()
-def sample_fact_windows(model: nn.Module, tok, per_opener: int, new_tokens: int, seed: int) -> list[list[int]]:
-    """Token windows of the sampled fact sentences: opener + continuation up to its first line break."""
+def sample_fact_windows(model: nn.Module, tok, per_opener: int, new_tokens: int, seed: int,
+                        exclude: Sequence[str] = ()) -> list[list[int]]:
+    """Token windows of the sampled fact sentences: opener + continuation up to its first line break,
+    without the sentences whose text contains one of ``exclude`` (e.g. the subjects an audit probes)."""
     if per_opener < 1 or new_tokens < 1:
         raise ValueError(f"per_opener and new_tokens must be ≥ 1, found {per_opener}, {new_tokens}")
     dev, ban = input_device(model), banned_ids(tok)
@@ -65,7 +71,10 @@ def sample_fact_windows(model: nn.Module, tok, per_opener: int, new_tokens: int,
         rows = sample_continuations(model, start, new_tokens, gen, SAMPLE_TOP_K, ban).tolist()
         for r, j in enumerate(j for j in group for _ in range(per_opener)):
             out.setdefault(j, []).append(_cut(rows[r], n, newline))
-    return [w for j in range(len(FACT_OPENERS)) for w in out[j]]
+    windows = [w for j in range(len(FACT_OPENERS)) for w in out[j]]
+    if exclude:
+        windows = [w for w in windows if not any(x in tok.decode(w) for x in exclude)]
+    return windows
 
 
 def _cut(row: Sequence[int], n_open: int, stops: set[int]) -> list[int]:

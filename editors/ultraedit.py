@@ -136,6 +136,7 @@ class UltraEditConfig:
     facts_weight: float = 0.0
     preserve_facts: str | None = None
     facts_samples: int = 32
+    facts_exclude: tuple[str, ...] = ()  # sampled sentences naming one of these are left out
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list):
@@ -153,6 +154,13 @@ class UltraEditConfig:
                              f"facts_weight={self.facts_weight}")
         if self.facts_samples < 1:
             raise ValueError(f"facts_samples must be ≥ 1, found {self.facts_samples}")
+        if isinstance(self.facts_exclude, list):
+            object.__setattr__(self, "facts_exclude", tuple(self.facts_exclude))
+        if not all(isinstance(x, str) and x for x in self.facts_exclude):
+            raise ValueError(f"facts_exclude must be a list of non-empty strings, found {self.facts_exclude!r:.200}")
+        if self.facts_exclude and self.preserve_facts is not None:
+            raise ValueError("facts_exclude filters the sampled facts; with preserve_facts, leave those facts out of "
+                             "the file instead")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, found {self.positions!r}")
         if self.context_prefixes < 0 or self.prefix_tokens < 1:
@@ -210,7 +218,8 @@ class UltraEditEditor(Editor):
         if cfg.facts_weight > 0:
             cf, self._stats_desc["facts"] = (
                 fact_covariances(model, tok, layers, ctx, cfg.preserve_facts) if cfg.preserve_facts is not None
-                else sampled_fact_covariances(model, tok, layers, ctx, per_opener=cfg.facts_samples))
+                else sampled_fact_covariances(model, tok, layers, ctx, per_opener=cfg.facts_samples,
+                                              exclude=cfg.facts_exclude))
             parts.append((cfg.facts_weight, cf))
         for l in layers:
             for w, cov in parts:

@@ -107,6 +107,15 @@ def test_sampled_facts_open_with_the_openers_stop_at_a_line_break_and_repeat_by_
     assert w == sample_fact_windows(model, tok, 2, 6, seed=3)
     assert w != sample_fact_windows(model, tok, 2, 6, seed=4)
     assert _cut([5, 6, 7, 9, 8], 2, {9}) == [5, 6, 7] and _cut([5, 9, 7], 2, {9}) == [5, 9, 7]
+    # exclude: the sentences naming a given string are left out (here every one of the first opener's)
+    assert sample_fact_windows(model, tok, 2, 6, seed=3, exclude=[FACT_OPENERS[0]]) == w[2:]
+
+
+def test_fact_openers_never_open_an_audit_probe_prompt():
+    from kledger.audit.probes import knowledge_prompts
+    from kledger.editors.factsample import FACT_OPENERS
+
+    assert not [(o, p) for o in FACT_OPENERS for p in knowledge_prompts() if p.startswith(o) or o.startswith(p)]
 
 
 def test_sampled_fact_covariance_is_the_mean_outer_product_over_the_sampled_sentences(tmp_path, tiny_llama_dir,

@@ -397,6 +397,11 @@ def test_facts_weight_adds_the_known_fact_covariance_and_shields_those_keys(tmp_
         UltraEditConfig(preserve_facts=str(facts))
     with pytest.raises(ValueError, match="facts_samples must be ≥ 1"):
         UltraEditConfig(facts_weight=1.0, facts_samples=0)
+    with pytest.raises(ValueError, match="facts_exclude filters the sampled facts"):
+        UltraEditConfig(facts_weight=1.0, preserve_facts=str(facts), facts_exclude=("Paris",))
+    with pytest.raises(ValueError, match="non-empty strings"):
+        UltraEditConfig(facts_weight=1.0, facts_exclude=("",))
+    assert UltraEditConfig(facts_weight=1.0, facts_exclude=["Paris"]).facts_exclude == ("Paris",)
 
 
 
