@@ -426,6 +426,31 @@ def test_facts_weight_without_a_file_preserves_the_facts_the_model_writes(tmp_pa
     assert res.ensemble["stats"]["facts"]["kind"] == "sampled-facts" == desc["kind"]
     assert res.ensemble["stats"]["facts"]["sample_sha256"] == desc["sample_sha256"]
 
+
+def test_history_gram_memo_adds_only_new_events_and_matches_a_fresh_sum_bit_for_bit():
+    from kledger.editors.ultraedit_solve import GramMemo, _history_keys
+
+    g = torch.Generator().manual_seed(0)
+    states = [{"keys.2": torch.randn(6, r, generator=g)} for r in (3, 1, 4, 2)]
+    fresh = GramMemo()
+    memo = GramMemo()
+    expect = torch.zeros(6, 6, dtype=torch.float64)
+    for st in states:
+        K = st["keys.2"].double()
+        expect.addmm_(K, K.T)
+    for n in range(1, 5):  # the sequence grows batch by batch: hits after the first call
+        got = memo.gram(2, [st["keys.2"] for st in states[:n]], 6)
+    assert memo.hits == 3 and torch.equal(got, expect) and torch.equal(got, fresh.gram(2, [s["keys.2"] for s in states], 6))
+    torch.testing.assert_close(got, sum(s["keys.2"].double() @ s["keys.2"].double().T for s in states))
+    # an event reverted in the middle: not a prefix of what was summed, so summed afresh
+    rest = [states[0], states[2], states[3]]
+    again = memo.gram(2, [s["keys.2"] for s in rest], 6)
+    assert memo.hits == 3 and torch.equal(again, fresh.gram(2, [s["keys.2"] for s in rest], 6))
+    # the module's memo behind _history_keys: the same sum, and the caller may modify what it gets
+    H = _history_keys(states, 2, 6)
+    H.zero_()
+    assert torch.equal(_history_keys(states, 2, 6), expect)
+
 def test_ultraedit_layers_by_depth():
     from kledger.editors.ultraedit import ultraedit_layers
 
