@@ -148,8 +148,8 @@ def run(args) -> None:
     done = _done(ledger, args.method)
     audited = {r["edits"] for r in _rows(workdir)}
     log.info("%s: %d of %d edits already in the ledger", args.name, done, len(items))
-    spent = sum(r.get("edit_s_window", 0.0) for r in _rows(workdir))
-    window = 0.0
+    spent = _spent(workdir, done)
+    window = spent - sum(r.get("edit_s_window", 0.0) for r in _rows(workdir))  # a window a stop cut short
     while done < len(items) or done not in audited:
         if done < len(items):
             nxt = min(len(items), (done // args.audit_every + 1) * args.audit_every)
@@ -160,6 +160,8 @@ def run(args) -> None:
             window += dt
             spent += dt
             done += len(batch)
+            with open(workdir / "batches.jsonl", "a") as fh:  # every batch's time: a resumed run counts it all
+                fh.write(json.dumps({"edits": done, "s": round(dt, 3), "load": round(os.getloadavg()[0], 2)}) + "\n")
             log.info("%s: %d edits (%.2f s/edit this batch, load %.2f)", args.name, done, dt / len(batch),
                      os.getloadavg()[0])
         if (done % args.audit_every == 0 or done == len(items)) and done not in audited:
@@ -175,6 +177,18 @@ def run(args) -> None:
             audited.add(done)
             window = 0.0
             log.info("%s @%d: %s", args.name, done, {k: row.get(k) for k in _COLS})
+
+
+def _spent(workdir: Path, done: int) -> float:
+    """Seconds spent on the first ``done`` edits, from the per-batch log ``batches.jsonl`` (so a stop
+    between audits loses nothing but a batch cut off before its line). A run from before that log starts
+    it with what its audited windows hold."""
+    p = workdir / "batches.jsonl"
+    if not p.exists():
+        carried = sum(r.get("edit_s_window", 0.0) for r in _rows(workdir))
+        p.write_text(json.dumps({"edits": done, "s": round(carried, 3), "from": "audited windows"}) + "\n")
+    batches = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    return sum(b["s"] for b in batches if b["edits"] <= done)
 
 
 def _known_facts_file(workdir: Path, ws) -> Path:
