@@ -167,7 +167,7 @@ def sampled_fact_covariances(model: nn.Module, tok, layers: Sequence[int], ctx: 
     sample = fact_sample_descriptor(per_opener, new_tokens, ctx.seed, exclude)
 
     def windows(cdir: Path | None, fp: str) -> list[list[int]]:
-        return sample_fact_windows(model, tok, per_opener, new_tokens, ctx.seed, exclude)
+        return sample_fact_windows(model, tok, per_opener, new_tokens, ctx.seed, exclude, progress=ctx.progress)
 
     result, keys, count = _masked_covariances(model, tok, layers, ctx, f"facts:{sample['sha256']}",
                                               per_opener * len(FACT_OPENERS), new_tokens + 16, windows,

@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from kledger.editors.hooks import input_device
+from kledger.ledger.errors import UsageError
 from kledger.editors.stats import SAMPLE_TOP_K, banned_ids, sample_continuations
+
+log = logging.getLogger(__name__)
 
 #: Openers of the sampled fact sentences: relations that ask for an entity and its attribute, and
 #: kinds of entity that make the model name one and say something about it (places, people,
@@ -55,7 +60,7 @@ def fact_sample_descriptor(per_opener: int, new_tokens: int, seed: int, exclude:
 
 @torch.no_grad()
 def sample_fact_windows(model: nn.Module, tok, per_opener: int, new_tokens: int, seed: int,
-                        exclude: Sequence[str] = ()) -> list[list[int]]:
+                        exclude: Sequence[str] = (), progress: bool = False) -> list[list[int]]:
     """Token windows of the sampled fact sentences: opener + continuation up to its first line break,
     without the sentences whose text contains one of ``exclude`` (e.g. the subjects an audit probes)."""
     if per_opener < 1 or new_tokens < 1:
@@ -64,7 +69,8 @@ def sample_fact_windows(model: nn.Module, tok, per_opener: int, new_tokens: int,
     newline = {i for i in range(len(tok)) if "\n" in tok.decode([i])}
     opener_ids = [tok(o, add_special_tokens=False)["input_ids"] for o in FACT_OPENERS]
     out: dict[int, list[int]] = {}
-    for n in sorted({len(x) for x in opener_ids}):  # openers of one length are one batch (no padding)
+    lengths = sorted({len(x) for x in opener_ids})
+    for n in tqdm(lengths, desc="known-fact sentences (sampling)", disable=not progress):  # one batch a length
         group = [j for j, x in enumerate(opener_ids) if len(x) == n]
         start = torch.tensor([opener_ids[j] for j in group for _ in range(per_opener)], device=dev)
         gen = torch.Generator().manual_seed((seed * 1_000_003 + 7919 * n) % (2**63 - 1))
@@ -74,6 +80,10 @@ def sample_fact_windows(model: nn.Module, tok, per_opener: int, new_tokens: int,
     windows = [w for j in range(len(FACT_OPENERS)) for w in out[j]]
     if exclude:
         windows = [w for w in windows if not any(x in tok.decode(w) for x in exclude)]
+    if not windows:
+        raise UsageError(f"facts_exclude left out all {per_opener * len(FACT_OPENERS)} sampled fact sentences: "
+                         "expected a few names to leave out, found strings that every sentence contains")
+    log.info("sampled %d fact sentences (%d left out by exclude)", len(windows), per_opener * len(FACT_OPENERS) - len(windows))
     return windows
 
 

@@ -8,6 +8,7 @@ import torch
 from kledger.editors.base import EditContext
 from kledger.editors.entitystats import entity_covariances, entity_mask
 from kledger.editors.models import load_model
+from kledger.ledger.errors import UsageError
 
 
 def test_entity_mask_marks_names_inside_sentences_only():
@@ -53,7 +54,6 @@ def test_fact_sentences_formats_and_errors(tmp_path):
     import pytest
 
     from kledger.editors.entitystats import fact_sentences
-    from kledger.ledger.errors import UsageError
 
     f = tmp_path / "f.json"
     f.write_text(json.dumps([{"prompt": "Vinson Massif is located in the continent of", "attribute": "Antarctica"},
@@ -109,6 +109,8 @@ def test_sampled_facts_open_with_the_openers_stop_at_a_line_break_and_repeat_by_
     assert _cut([5, 6, 7, 9, 8], 2, {9}) == [5, 6, 7] and _cut([5, 9, 7], 2, {9}) == [5, 9, 7]
     # exclude: the sentences naming a given string are left out (here every one of the first opener's)
     assert sample_fact_windows(model, tok, 2, 6, seed=3, exclude=[FACT_OPENERS[0]]) == w[2:]
+    with pytest.raises(UsageError, match="left out all 72 sampled fact sentences"):
+        sample_fact_windows(model, tok, 2, 6, seed=3, exclude=["The"])
 
 
 def test_fact_openers_never_open_an_audit_probe_prompt():
