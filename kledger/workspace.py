@@ -27,7 +27,7 @@ from kledger.editors.models import cache_dir as models_cache_dir
 from kledger.editors.models import DTYPES, fingerprint, load_model, resolve_dtype, resolve_model_path, tokenizer_fingerprint
 from kledger.editors.registry import editor_class
 from kledger.ledger.compose import Materialised, apply_deltas, check_export_target, export, materialise
-from kledger.ledger.deltas import accumulate
+from kledger.ledger.deltas import Delta, accumulate
 from kledger.ledger.errors import AuditThresholdError, StateError, UsageError
 from kledger.ledger.records import Event, FactRequest
 from kledger.ledger.store import Ledger
@@ -117,7 +117,7 @@ class Workspace:
     _probes: Any = field(default=None, repr=False)
     _states: dict = field(default_factory=dict, repr=False)  # event id → method state (history cache)
     exact: bool = True  # after each batch the working model is rewritten as materialise(HEAD) would write it
-    _deltas: dict = field(default_factory=dict, repr=False)  # event id → Delta (for the exact rewrite)
+    _deltas: dict = field(default_factory=dict, repr=False)  # event id → Delta without state (the exact rewrite)
     _base_vals: dict = field(default_factory=dict, repr=False)  # tensor name → base value (exact rewrite)
     _files: Any = field(default=None, repr=False)  # the base model's safetensors files
     _thresholds: dict = field(default_factory=dict, repr=False)
@@ -284,8 +284,11 @@ class Workspace:
         deltas = []
         for ev in self.ledger.active(head):
             d = self._deltas.get(ev.id)
-            if d is None:
-                d = self._deltas[ev.id] = self.ledger.load_delta(ev)
+            if d is None:  # one read a delta: its tensors kept here, its method state in the history cache
+                full = self.ledger.load_delta(ev)
+                d = self._deltas[ev.id] = Delta(full.tensors)
+                if full.state:
+                    self._states.setdefault(ev.id, dict(full.state))
             deltas.append(d)
         write_exact(model, deltas, self.base_value)
 
