@@ -23,7 +23,7 @@ REQS = [
     FactRequest("Steve Jobs founded", "Microsoft", subject="Steve Jobs", target_true="Apple"),
 ]
 # strong enough to move a tiny random model in one or two turns
-CFG = dict(lr=2.0, ridge=1e-2, max_turns=2)
+CFG = dict(lr=2.0, ridge=1e-2, max_turns=2, facts_weight=0.0)  # the closed forms without the sampled-facts term
 
 
 def _dense(delta):
@@ -161,6 +161,11 @@ def test_working_model_equals_a_fresh_materialise(tmp_path, tiny_llama_dir):
     fresh, _, _ = ws.model_at("HEAD")
     for (n, p), (_, q) in zip(live.named_parameters(), fresh.named_parameters()):
         assert torch.equal(p, q), n
+    # one copy of each event's method state (the key history): in the history cache, not also in the
+    # rewrite's delta cache (a 1,000-edit sequence holds gigabytes of keys)
+    ids = [e.id for e in ws.ledger.active("HEAD")]
+    assert set(ws._deltas) == set(ids) and not any(ws._deltas[i].state for i in ids)
+    assert all("keys.0" in ws._states[i] for i in ids)
 
 
 def test_revert_rebase_equals_a_sequence_without_the_edit(tmp_path, tiny_llama_dir):
@@ -372,7 +377,7 @@ def test_facts_weight_adds_the_known_fact_covariance_and_shields_those_keys(tmp_
     real = U.history_factor
     monkeypatch.setattr(U, "history_factor", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     base = dict(CFG, layers=(0,), history_weight=0, preserve_weight=3.0, stats_tokens=128)
-    [res] = UltraEditEditor(UltraEditConfig(**base, entity_weight=7.0, facts_weight=11.0,
+    [res] = UltraEditEditor(UltraEditConfig(**dict(base, entity_weight=7.0, facts_weight=11.0),
                                             preserve_facts=str(facts))).compute(model, tok, [REQS[0]], ctx)
     C0, _ = key_covariances(model, tok, [0], ctx, n_tokens=128)
     Ce, _ = entity_covariances(model, tok, [0], ctx, n_tokens=128)
@@ -394,7 +399,7 @@ def test_facts_weight_adds_the_known_fact_covariance_and_shields_those_keys(tmp_
         moved.append(float((K @ (dW.T if dW.shape[1] == K.shape[1] else dW)).norm()))
     assert moved[0] > moved[1] > moved[2] and moved[2] < 0.5 * moved[0]
     with pytest.raises(ValueError, match="needs facts_weight > 0"):
-        UltraEditConfig(preserve_facts=str(facts))
+        UltraEditConfig(preserve_facts=str(facts), facts_weight=0.0)
     with pytest.raises(ValueError, match="facts_samples must be ≥ 1"):
         UltraEditConfig(facts_weight=1.0, facts_samples=0)
     with pytest.raises(ValueError, match="facts_exclude filters the sampled facts"):
