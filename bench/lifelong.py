@@ -138,10 +138,8 @@ def run(args) -> None:
     overrides = dict(kv.split("=", 1) for kv in args.set)
     if args.preserve_known_facts:
         overrides["preserve_facts"] = str(_known_facts_file(workdir, ws))
-    elif float(overrides.get("facts_weight", 0)) > 0:  # facts the model writes: none that names a probe subject
-        from kledger.audit.probes import probe_subjects  # noqa: PLC0415
-
-        overrides["facts_exclude"] = probe_subjects()
+    elif (exclude := sampled_facts_exclude(args.method, overrides)) is not None:
+        overrides["facts_exclude"] = exclude
         log.info("sampled facts: leaving out sentences that name one of the %d probe subjects", len(overrides["facts_exclude"]))
     base_loc = _base_locality(workdir, ws, items)
     auditor = None
@@ -177,6 +175,18 @@ def run(args) -> None:
             audited.add(done)
             window = 0.0
             log.info("%s @%d: %s", args.name, done, {k: row.get(k) for k in _COLS})
+
+
+def sampled_facts_exclude(method: str, overrides: dict) -> list[str] | None:
+    """The probe subjects, when the run's UltraEdit samples known facts (``facts_weight`` > 0, by default
+    or by ``--set``, and no facts file): sentences naming them stay out of what the editor preserves."""
+    from kledger.audit.probes import probe_subjects  # noqa: PLC0415
+    from kledger.editors.ultraedit import UltraEditConfig  # noqa: PLC0415
+
+    weight = float(overrides.get("facts_weight", UltraEditConfig().facts_weight))
+    if method != "ultraedit" or weight <= 0 or "preserve_facts" in overrides:
+        return None
+    return probe_subjects()
 
 
 def _spent(workdir: Path, done: int) -> float:

@@ -31,3 +31,14 @@ def test_spent_counts_every_logged_batch_and_carries_an_older_run_over(tmp_path)
     assert L._spent(old, 130) == 250.0
     assert json.loads((old / "batches.jsonl").read_text())["from"] == "audited windows"
     assert L._spent(old, 130) == 250.0  # not carried twice
+
+
+def test_sampled_facts_leave_out_the_probe_subjects_by_default_and_when_set():
+    from kledger.audit.probes import probe_subjects
+
+    L = _bench()
+    assert L.sampled_facts_exclude("ultraedit", {}) == probe_subjects()  # the default samples facts
+    assert L.sampled_facts_exclude("ultraedit", {"facts_weight": "5000"}) == probe_subjects()
+    assert L.sampled_facts_exclude("ultraedit", {"facts_weight": "0"}) is None
+    assert L.sampled_facts_exclude("ultraedit", {"preserve_facts": "f.json"}) is None
+    assert L.sampled_facts_exclude("memit", {}) is None
