@@ -68,6 +68,10 @@ class Editor(ABC):
     #: whether a sequence of this method's edits is guarded by default (``kledger add`` with
     #: several facts refuses an edit whose pulse crosses a threshold unless ``--no-guard``)
     guard_sequences: ClassVar[bool] = False
+    #: config fields added with a default that changes the computation, and the value a recorded config
+    #: without them meant (UltraEdit's ``facts_weight``: 0 before the tenth session), so that ``revert
+    #: --rebase`` / ``merge --strategy resolve`` recompute old events as they were computed
+    recorded_defaults: ClassVar[Mapping[str, Any]] = {}
     #: config fields that name files the computation reads (UltraEdit's ``preserve_facts``): the
     #: orchestrator records each file's absolute path and sha256 in the event (``ensemble["inputs"]``)
     #: and refuses to recompute the event (``revert --rebase``, ``merge --strategy resolve``) from a

@@ -191,6 +191,7 @@ class UltraEditEditor(Editor):
     config_cls = UltraEditConfig
     name, needs_history, batch_solve = "ultraedit", True, True
     input_files = ("preserve_facts",)
+    recorded_defaults = {"facts_weight": 0.0}  # events recorded before the option kept no known facts
     summary = "UltraEdit: lifelong-normalised ridge update at the subject (default; C0 preservation)"
     paper = "https://arxiv.org/abs/2505.14679"
 

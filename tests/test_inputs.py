@@ -80,3 +80,17 @@ def test_rebase_reads_the_recorded_path_and_refuses_a_changed_file(tmp_path, tin
     assert out["recomputed"] == 1
     [new] = ws.ledger.events_by_ids(out["added"])
     assert new.ensemble["inputs"] == {"preserve_facts": rec} and new.metrics["rebased_from"] == evs[2].id
+
+
+def test_a_config_recorded_before_facts_weight_is_recomputed_without_known_facts(tmp_path, tiny_llama_dir):
+    """``facts_weight`` came with a default of 5000 (sampled facts); an event whose recorded config predates
+    the field was computed without it, so a recompute reads it as 0 (``Editor.recorded_defaults``)."""
+    import dataclasses
+
+    ws = _workspace(tmp_path / "led", tiny_llama_dir)
+    [ev] = ws.add(REQS[:1], method="ultraedit", overrides=dict(lr=2.0, ridge=1e-2, max_turns=1, facts_weight=0.0))
+    assert ev.config["facts_weight"] == 0.0
+    old = dataclasses.replace(ev, config={k: v for k, v in ev.config.items() if k != "facts_weight"})
+    assert recompute_config(old)["facts_weight"] == 0.0
+    now = dataclasses.replace(ev, config=dict(ev.config, facts_weight=5000.0))
+    assert recompute_config(now)["facts_weight"] == 5000.0
