@@ -192,7 +192,7 @@ class UltraEditEditor(Editor):
     name, needs_history, batch_solve = "ultraedit", True, True
     input_files = ("preserve_facts",)
     recorded_defaults = {"facts_weight": 0.0}  # events recorded before the option kept no known facts
-    summary = "UltraEdit: lifelong-normalised ridge update at the subject (default; C0 preservation)"
+    summary = "UltraEdit: lifelong-normalised ridge update at the subject (default; C0 + sampled known facts preserved)"
     paper = "https://arxiv.org/abs/2505.14679"
 
     def compute(self, model: nn.Module, tok, requests: Sequence[FactRequest], ctx: EditContext) -> list[EditResult]:

@@ -57,8 +57,9 @@ def with_inputs(ensemble: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[
 
 def recompute_config(ev: Event) -> dict[str, Any]:
     """The config to recompute ``ev`` with: its recorded config (fields it predates at their
-    ``Editor.recorded_defaults``), each input file named by the absolute path recorded at edit time, after checking that the file still hashes to the
-    recorded sha256 (a changed file would silently give another edit)."""
+    ``Editor.recorded_defaults``), each input file named by the absolute path recorded at edit
+    time, after checking that the file still hashes to the recorded sha256 (a changed file would
+    silently give another edit)."""
     config = dict(ev.config or {})
     if ev.config is not None:  # a field added with a non-neutral default: what a config from before it meant
         for name, value in editor_class(ev.method).recorded_defaults.items():
