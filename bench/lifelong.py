@@ -140,7 +140,7 @@ def run(args) -> None:
         overrides["preserve_facts"] = str(_known_facts_file(workdir, ws))
     elif (exclude := sampled_facts_exclude(args.method, overrides)) is not None:
         overrides["facts_exclude"] = exclude
-        log.info("sampled facts: leaving out sentences that name one of the %d probe subjects", len(overrides["facts_exclude"]))
+        log.info("sampled facts: leaving out sentences that name one of the %d probe subjects", len(exclude))
     base_loc = _base_locality(workdir, ws, items)
     auditor = None
     done = _done(ledger, args.method)

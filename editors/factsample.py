@@ -11,8 +11,9 @@ knowledge, not any evaluation set; ``exclude`` drops the sentences that name giv
 lifelong benchmark drops those naming a subject of the audit's probe prompts).
 
 Deterministic: the openers of ``n`` tokens are sampled together (no padding), ``ROWS_PER_CALL``
-sequences a call, each call with a ``torch.Generator`` seeded from ``(seed, n, call)``; the description (openers, counts, seed, top-k)
-is hashed into the covariance cache key, so a changed recipe never reads a stale cache.
+sequences a call, each call with a ``torch.Generator`` seeded from ``(seed, n, call)``; the
+description (openers, counts, seed, top-k, exclude) is hashed into the covariance cache key, so a
+changed recipe never reads a stale cache.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from kledger.editors.hooks import input_device
-from kledger.ledger.errors import UsageError
 from kledger.editors.stats import SAMPLE_TOP_K, banned_ids, sample_continuations
+from kledger.ledger.errors import UsageError
 
 log = logging.getLogger(__name__)
 #: sequences per sampling call (openers of one length): in bfloat16 on a CPU one call of 128 sequences
@@ -55,8 +56,8 @@ FACT_OPENERS = (
 def fact_sample_descriptor(per_opener: int, new_tokens: int, seed: int, exclude: Sequence[str] = ()) -> dict[str, Any]:
     """JSON-able identity of the sampled facts (its hash tags the covariance cache)."""
     desc = {"kind": "sampled-facts", "openers": list(FACT_OPENERS), "per_opener": per_opener,
-            "new_tokens": new_tokens, "seed": seed, "top_k": SAMPLE_TOP_K, "batches": f"by opener length, {ROWS_PER_CALL} rows",
-            "exclude": sorted(set(exclude))}
+            "new_tokens": new_tokens, "seed": seed, "top_k": SAMPLE_TOP_K,
+            "batches": f"by opener length, {ROWS_PER_CALL} rows", "exclude": sorted(set(exclude))}
     desc["sha256"] = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
     return desc
 
@@ -75,7 +76,7 @@ def sample_fact_windows(model: nn.Module, tok, per_opener: int, new_tokens: int,
     calls = []  # (opener length, chunk index, the openers of its rows): no padding inside a call
     for n in sorted({len(x) for x in opener_ids}):
         owners = [j for j, x in enumerate(opener_ids) if len(x) == n for _ in range(per_opener)]
-        calls += [(n, c, owners[c * ROWS_PER_CALL:(c + 1) * ROWS_PER_CALL]) for c in range(-(-len(owners) // ROWS_PER_CALL))]
+        calls += [(n, c // ROWS_PER_CALL, owners[c:c + ROWS_PER_CALL]) for c in range(0, len(owners), ROWS_PER_CALL)]
     for n, c, owners in tqdm(calls, desc="known-fact sentences (sampling)", disable=not progress):
         start = torch.tensor([opener_ids[j] for j in owners], device=dev)
         gen = torch.Generator().manual_seed((seed * 1_000_003 + 7919 * n + 104_729 * c) % (2**63 - 1))
@@ -88,7 +89,8 @@ def sample_fact_windows(model: nn.Module, tok, per_opener: int, new_tokens: int,
     if not windows:
         raise UsageError(f"facts_exclude left out all {per_opener * len(FACT_OPENERS)} sampled fact sentences: "
                          "expected a few names to leave out, found strings that every sentence contains")
-    log.info("sampled %d fact sentences (%d left out by exclude)", len(windows), per_opener * len(FACT_OPENERS) - len(windows))
+    log.info("sampled %d fact sentences (%d left out by exclude)", len(windows),
+             per_opener * len(FACT_OPENERS) - len(windows))
     return windows
 
 

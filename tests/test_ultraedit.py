@@ -445,7 +445,8 @@ def test_history_gram_memo_adds_only_new_events_and_matches_a_fresh_sum_bit_for_
         expect.addmm_(K, K.T)
     for n in range(1, 5):  # the sequence grows batch by batch: hits after the first call
         got = memo.gram(2, [st["keys.2"] for st in states[:n]], 6)
-    assert memo.hits == 3 and torch.equal(got, expect) and torch.equal(got, fresh.gram(2, [s["keys.2"] for s in states], 6))
+    assert memo.hits == 3 and torch.equal(got, expect)
+    assert torch.equal(got, fresh.gram(2, [s["keys.2"] for s in states], 6))
     torch.testing.assert_close(got, sum(s["keys.2"].double() @ s["keys.2"].double().T for s in states))
     # an event reverted in the middle: not a prefix of what was summed, so summed afresh
     rest = [states[0], states[2], states[3]]
