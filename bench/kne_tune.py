@@ -47,13 +47,16 @@ NOTES_MARKER = "<!-- notes: kept when the table is rewritten -->"
 #: named variants: config overrides relative to the KNEConfig defaults
 #: the reference point of the comparison, spelled out so that the table does not depend on the
 #: KNEConfig defaults of the day; every variant changes a few of these
+#: the paper's setting (every layer a candidate, 0.001 of them, 25 steps): what every variant here changes
 BASE: dict = {"attribution": "grad_x_weight", "threshold": "global", "fraction": 1e-3, "exclude_layers": [-1],
-              "lr": 1e-3, "stop_margin": 0.0, "locality_weight": 1.0, "contrast_subjects": [], "contrast_weight": 0.0}
+              "lr": 1e-3, "stop_margin": 0.0, "locality_weight": 1.0, "contrast_subjects": [], "contrast_weight": 0.0,
+              "window": "all", "max_steps": 25}
 CONTRAST = {"contrast_subjects": ["Someone", "John Smith"], "contrast_weight": 1.0}
 
 #: named variants: changes relative to BASE
 VARIANTS: dict[str, dict] = {
     "base": {},
+    "early": {"window": "early", "fraction": 1e-2, "max_steps": 40},  # KNEConfig's defaults since the eleventh session
     "per_layer": {"threshold": "per_layer"},
     "ig": {"attribution": "integrated_gradients"},
     "ig_per_layer": {"attribution": "integrated_gradients", "threshold": "per_layer"},

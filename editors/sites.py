@@ -86,6 +86,16 @@ def num_layers(model: nn.Module) -> int:
     return len(get_module(model, sites_for(model).layers))
 
 
+def early_window(n_layers: int) -> tuple[int, ...]:
+    """The early-middle window the lifelong editors write (UltraEdit's layers, KNE's candidates): 4
+    consecutive layers from 10 % of the depth (SmolLM2-135M, 30 layers: 3–6), earlier and narrower than
+    MEMIT's (``locate.default_layers``); models of ≤ 4 layers use all."""
+    if n_layers <= 4:
+        return tuple(range(n_layers))
+    start = min(max(1, round(0.1 * n_layers)), n_layers - 4)
+    return tuple(range(start, start + 4))
+
+
 def get_module(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)

@@ -28,7 +28,8 @@ first edit of one token is well defined (centering one row would remove it entir
 
 **State in the ledger**: every result's ``Delta.state`` holds, per edited layer, ``gcount.<l>``
 (1, float64), ``gsum.<l>`` and ``gsq.<l>`` (out, float64): the sufficient statistics of the rows
-this request contributed, and ``keys.<l>`` (in × rows, float32) when ``history_weight > 0``. The
+this request contributed, and ``keys.<l>`` (in × rows, float32) when ``history_weight > 0``: every
+turn's rows, or with ``history_keys="final"`` the rows of the request's last turn. The
 state before an edit is the sum over ``ctx.history["states"]`` (earlier active UltraEdit events, in
 ledger order), so a sequence continued after a restart sees exactly the state of one
 uninterrupted run, and a reverted event's rows leave the statistics with it.
@@ -52,7 +53,7 @@ import torch.nn as nn
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
 from kledger.editors.ultraedit_solve import GradStats, _history_keys, _state_stats, history_factor, ridge_factors
 from kledger.editors.ultraedit_rows import _with_context_mean, _with_context_rows, context_keys, features
-from kledger.editors.sites import num_layers, sites_for
+from kledger.editors.sites import early_window, num_layers, sites_for
 from kledger.editors.entitystats import entity_covariances, fact_covariances, sampled_fact_covariances
 from kledger.editors.stats import key_covariances
 from kledger.ledger.deltas import Delta, LowRankDelta
@@ -63,20 +64,11 @@ log = logging.getLogger(__name__)
 POSITIONS = ("subject", "target", "both", "answer")
 
 
-def ultraedit_layers(n_layers: int) -> tuple[int, ...]:
-    """UltraEdit's window: 4 consecutive layers from 10 % of the depth (SmolLM2-135M, 30 layers: 3–6),
-    earlier and narrower than MEMIT's (``locate.default_layers``); models of ≤ 4 layers edit all."""
-    if n_layers <= 4:
-        return tuple(range(n_layers))
-    start = min(max(1, round(0.1 * n_layers)), n_layers - 4)
-    return tuple(range(start, start + 4))
-
-
 @dataclass(frozen=True)
 class UltraEditConfig:
     """UltraEdit hyper-parameters (defaults measured; see the module docstring)."""
 
-    # None: ultraedit_layers(num_layers(model)), 3–6 of 30 since the seventh session. The damage of a
+    # None: sites.early_window(num_layers(model)), 3–6 of 30 since the seventh session. The damage of a
     # 4–8 sequence sat in layers 7–8 (`bench/lifelong.py damage`); at 300 edits 3–6 lost 0.055 of the
     # known facts against 0.164 (3–7: 0.104); 2–6 was worse than 4–8 from 300 on (KL 0.224: at layer 2
     # a subject's last-token key is mostly the token piece) (bench/results/lifelong.md)
@@ -87,6 +79,10 @@ class UltraEditConfig:
     # over the lifelong stream the retention drop at 300 / 400 edits was 0.164 / 0.186 against
     # 0.257 / 0.284 with μ 1 (bench/results/lifelong.md)
     history_weight: float = 10.0
+    # which keys an event leaves in the history: "turns" (every turn's rows: a request that took 40 turns
+    # weighs 40× one that took 1; half of a 1,000-edit stream's requests used all 40, most of them misses) or
+    # "final" (each row's key of the request's last turn: one weight per edit, a history a few turns' size)
+    history_keys: str = "turns"
     max_turns: int = 40  # closed-form turns per batch at most (lr × max_turns bounds the push)
     # > 1: a request's t-th turn (from 0) steps lr·step_growth^t, so the requests still short of top-1
     # after many turns (a fifth of CounterFact's, most of zsRE's hit max_turns at 1.0) get larger steps
@@ -164,6 +160,11 @@ class UltraEditConfig:
         if self.facts_exclude and self.preserve_facts is not None:
             raise ValueError("facts_exclude filters the sampled facts; with preserve_facts, leave those facts out of "
                              "the file instead")
+        if self.history_keys not in ("turns", "final"):
+            raise ValueError(f"history_keys must be turns or final, found {self.history_keys!r}")
+        if self.history_keys == "final" and self.row_stop:
+            raise ValueError("history_keys='final' keeps the rows of a request's last turn; with row_stop the rows "
+                             "that settled earlier would leave no key: use history_keys='turns'")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, found {self.positions!r}")
         if self.context_prefixes < 0 or self.prefix_tokens < 1:
@@ -191,7 +192,8 @@ class UltraEditEditor(Editor):
     config_cls = UltraEditConfig
     name, needs_history, batch_solve = "ultraedit", True, True
     input_files = ("preserve_facts",)
-    recorded_defaults = {"facts_weight": 0.0}  # events recorded before the option kept no known facts
+    # events recorded before these options kept no known facts and every turn's keys
+    recorded_defaults = {"facts_weight": 0.0, "history_keys": "turns"}
     summary = "UltraEdit: lifelong-normalised ridge update at the subject (default; C0 + sampled known facts preserved)"
     paper = "https://arxiv.org/abs/2505.14679"
 
@@ -202,7 +204,7 @@ class UltraEditEditor(Editor):
         cfg, requests = self.config, list(requests)
         sites = sites_for(model)
         n_layers = num_layers(model)
-        layers = tuple(sorted(set(cfg.layers))) if cfg.layers is not None else ultraedit_layers(n_layers)
+        layers = tuple(sorted(set(cfg.layers))) if cfg.layers is not None else early_window(n_layers)
         if any(not 0 <= l < n_layers for l in layers):
             raise UsageError(f"ultraedit: expected layers in [0, {n_layers}), found {list(layers)}")
         params = {l: sites.mlp_out_param(l) for l in layers}
@@ -306,6 +308,8 @@ class UltraEditEditor(Editor):
                         K, V, row_owners = _with_context_rows(K, Gn, V, owners, ctx_keys[l], cfg.lr)
                     for i in set(row_owners):
                         sel = torch.tensor([j for j, o in enumerate(row_owners) if o == i])
+                        if cfg.history_keys == "final":  # this turn's rows replace the earlier turns'
+                            keys[l][i].clear()
                         keys[l][i].append(K[sel].float().cpu())
                     M = ridge_factors(K, V, cfg.ridge, None, 0.0, chol.get(l))  # in × rows (history is in chol)
                     if not (torch.isfinite(V).all() and torch.isfinite(M).all()):

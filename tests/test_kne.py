@@ -308,6 +308,26 @@ def test_config_validation_and_overrides():
     assert editor_class("kne") is KNEEditor
 
 
+def test_default_candidates_are_the_early_window_and_all_is_the_papers():
+    """window="early" (default): the MLP matrices of sites.early_window's layers (10 layers: 1–4);
+    "all": every layer but the excluded last; an explicit ``layers`` list wins over both; events
+    recorded before the option are recomputed with every layer (``recorded_defaults``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=10,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    layers = lambda c: sorted({l for l, _ in c.values()})  # noqa: E731
+    cfg = KNEConfig()
+    assert cfg.window == "early"
+    assert layers(candidate_params(model, cfg.layers, cfg.exclude_layers, cfg.window)) == [1, 2, 3, 4]
+    assert layers(candidate_params(model, None, (-1,), "all")) == list(range(9))
+    assert layers(candidate_params(model, (7, 8), (-1,), "early")) == [7, 8]
+    with pytest.raises(UsageError, match="window"):
+        make_config(KNEConfig, {"window": "late"})
+    assert KNEEditor.recorded_defaults == {"window": "all"}
+
+
 def test_bad_layer_is_a_usage_error(models):
     model, tok, _ = models["llama"]
     with pytest.raises(UsageError):

@@ -457,15 +457,15 @@ def test_history_gram_memo_adds_only_new_events_and_matches_a_fresh_sum_bit_for_
     H.zero_()
     assert torch.equal(_history_keys(states, 2, 6), expect)
 
-def test_ultraedit_layers_by_depth():
-    from kledger.editors.ultraedit import ultraedit_layers
+def test_early_window_by_depth():
+    from kledger.editors.sites import early_window
 
-    assert ultraedit_layers(2) == (0, 1)
-    assert ultraedit_layers(4) == (0, 1, 2, 3)
-    assert ultraedit_layers(30) == (3, 4, 5, 6)  # SmolLM2-135M (bench/results/lifelong.md)
-    assert ultraedit_layers(32) == (3, 4, 5, 6)
-    assert ultraedit_layers(16) == (2, 3, 4, 5)
-    assert ultraedit_layers(5) == (1, 2, 3, 4)
+    assert early_window(2) == (0, 1)
+    assert early_window(4) == (0, 1, 2, 3)
+    assert early_window(30) == (3, 4, 5, 6)  # SmolLM2-135M (bench/results/lifelong.md)
+    assert early_window(32) == (3, 4, 5, 6)
+    assert early_window(16) == (2, 3, 4, 5)
+    assert early_window(5) == (1, 2, 3, 4)
 
 
 def test_step_growth_scales_each_turn_by_the_requests_turn_count(tiny_llama_dir):
@@ -488,3 +488,25 @@ def test_step_growth_scales_each_turn_by_the_requests_turn_count(tiny_llama_dir)
     torch.testing.assert_close(out_b[:, 1], 3.0 * out_a[:, 1], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="step_growth must be ≥ 1"):
         UltraEditConfig(step_growth=0.5)
+
+
+def test_final_history_keys_keep_one_turn_of_rows_per_request(tiny_llama_dir):
+    """history_keys="final": an event's keys.<l> are the rows of its request's last turn (the same
+    first columns' count as one turn of "turns", which keeps every turn's); the update is the same."""
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    cfg = dict(CFG, max_turns=3)
+    [every] = UltraEditEditor(UltraEditConfig(**cfg)).compute(model, tok, [REQS[1]], EditContext())
+    [final] = UltraEditEditor(UltraEditConfig(**cfg, history_keys="final")).compute(model, tok, [REQS[1]], EditContext())
+    turns = every.metrics["turns"]
+    assert turns == final.metrics["turns"] >= 2
+    for k, v in _dense(every.delta).items():
+        torch.testing.assert_close(_dense(final.delta)[k], v)
+    for name, K in every.delta.state.items():
+        if name.startswith("keys."):
+            rows = K.shape[1] // turns
+            assert K.shape[1] == turns * rows and final.delta.state[name].shape == (K.shape[0], rows)
+            torch.testing.assert_close(final.delta.state[name], K[:, -rows:])
+    with pytest.raises(ValueError, match="history_keys must be turns or final"):
+        UltraEditConfig(history_keys="last")
+    with pytest.raises(ValueError, match="row_stop"):
+        UltraEditConfig(history_keys="final", row_stop=True)

@@ -2,8 +2,9 @@
 
 For each request (prompt x, target tokens y*₁…y*ₛ):
 
-1. **Attribution.** Every entry of every candidate tensor (default: all MLP weight matrices of
-   all layers, ``sites.mlp_in`` + ``sites.mlp_out``: Llama gate/up/down_proj, GPT-2 c_fc/c_proj)
+1. **Attribution.** Every entry of every candidate tensor (all MLP weight matrices,
+   ``sites.mlp_in`` + ``sites.mlp_out``: Llama gate/up/down_proj, GPT-2 c_fc/c_proj, of the
+   candidate layers: by default ``sites.early_window``, the paper's all layers with ``window="all"``)
    gets a score from the gradient of the target's teacher-forced negative log-likelihood ``L``:
 
    * ``grad_x_weight``: ``|∂L/∂w · w|`` — one backward pass;
@@ -18,7 +19,7 @@ For each request (prompt x, target tokens y*₁…y*ₛ):
    of the budget (its top entries pooled over that layer's candidate tensors).
 
 3. **Edit.** Only ensemble entries are optimised (the gradient is gathered at the ensemble's flat
-   indices, so nothing else can move), jointly over all layers with Adam, on
+   indices, so nothing else can move), jointly over the candidate layers with Adam, on
    ``mean teacher-forced NLL`` of the target after the prompt and after each context prefix
    + ``locality_weight`` · KL(unedited ‖ edited) of the next-token distributions at every position
    of a few neutral prompts ("{subject} is a" and fixed generic ones). Stops as soon as every

@@ -8,17 +8,20 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from kledger.editors.sites import num_layers, sites_for
+from kledger.editors.sites import early_window, num_layers, sites_for
 from kledger.ledger.errors import UsageError
 
 
 def candidate_params(
-    model: nn.Module, layers: Sequence[int] | None = None, exclude: Sequence[int] = ()
+    model: nn.Module, layers: Sequence[int] | None = None, exclude: Sequence[int] = (), window: str = "all"
 ) -> dict[str, tuple[int, nn.Parameter]]:
     """Candidate tensors: name → (layer, parameter), every MLP weight matrix of the given layers
-    (None = all) minus ``exclude`` (negative indices count from the end)."""
+    (None: the ``window``, "all" layers or the "early" ``sites.early_window``) minus ``exclude``
+    (negative indices count from the end)."""
     sites = sites_for(model)
     n = num_layers(model)
+    if layers is None:
+        layers = early_window(n) if window == "early" else None
     for layer in list(layers or ()) + list(exclude):
         if not (-n <= layer < n):
             raise UsageError(f"layers: expected indices in [-{n}, {n}), found {layer}")
