@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult
 from kledger.editors.driver import Solver, locate_edit, stats_for
-from kledger.editors.locate import LocateConfig
+from kledger.editors.locate import PRE_NORM_CONTROL, LocateConfig
 from kledger.ledger.errors import UsageError
 from kledger.ledger.records import FactRequest
 
@@ -127,6 +127,7 @@ class AlphaEditEditor(Editor):
     summary = "AlphaEdit: MEMIT-style update projected onto the null space of preserved keys (BLUE: blue=true)"
     paper = "https://arxiv.org/abs/2410.02355 (BLUE: https://arxiv.org/abs/2502.03748)"
     config_cls = AlphaEditConfig
+    recorded_defaults = PRE_NORM_CONTROL  # events from before MPES / NAS were config fields had neither
     needs_history = True  # ctx.history["states"]: earlier active AlphaEdit events' Delta.state
     batch_solve = True  # one closed-form solve per batch (merge --strategy resolve re-solves together)
 

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult
 from kledger.editors.driver import Solver, locate_edit, memit_solve, stats_for
-from kledger.editors.locate import LocateConfig
+from kledger.editors.locate import PRE_NORM_CONTROL, LocateConfig
 from kledger.ledger.records import FactRequest
 
 
@@ -68,6 +68,7 @@ class MEMITEditor(Editor):
     summary = "MEMIT: closed-form batch update of the MLP output projections of a few layers (BLUE: blue=true)"
     paper = "https://arxiv.org/abs/2210.07229 (BLUE: https://arxiv.org/abs/2502.03748)"
     config_cls = MEMITConfig
+    recorded_defaults = PRE_NORM_CONTROL  # events from before MPES / NAS were config fields had neither
     batch_solve = True  # one closed-form solve per batch (merge --strategy resolve re-solves together)
 
     def compute(self, model: nn.Module, tok, requests: Sequence[FactRequest], ctx: EditContext) -> list[EditResult]:

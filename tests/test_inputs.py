@@ -94,3 +94,27 @@ def test_a_config_recorded_before_facts_weight_is_recomputed_without_known_facts
     assert recompute_config(old)["facts_weight"] == 0.0
     now = dataclasses.replace(ev, config=dict(ev.config, facts_weight=5000.0))
     assert recompute_config(now)["facts_weight"] == 5000.0
+
+
+@pytest.mark.parametrize("method, absent, meant", [
+    ("memit", ("mpes_steps", "norm_anchor", "norm_penalty"), {"mpes_steps": -1, "norm_anchor": False}),
+    ("alphaedit", ("mpes_steps", "norm_anchor"), {"mpes_steps": -1, "norm_anchor": False}),
+    ("kne", ("window",), {"window": "all"}),
+])
+def test_fields_added_with_new_defaults_recompute_old_events_as_they_were(method, absent, meant):
+    """MPES / NAS became MEMIT's and AlphaEdit's defaults, the early window KNE's: an event recorded before
+    those fields existed is recomputed with what it was computed with, one recorded after keeps its value."""
+    import dataclasses
+
+    from kledger.editors.base import config_to_json
+    from kledger.editors.registry import editor_class
+    from kledger.ledger.records import Event
+
+    cfg = config_to_json(editor_class(method).config_cls())
+    fields = {f.name for f in dataclasses.fields(Event)}
+    base = {f: None for f in fields}
+    ev = Event(**{**base, "method": method, "config": {k: v for k, v in cfg.items() if k not in absent}})
+    got = recompute_config(ev)
+    assert {k: got[k] for k in meant} == meant
+    assert {k: recompute_config(dataclasses.replace(ev, config=cfg))[k] for k in meant} == {k: cfg[k] for k in meant}
+    assert all(cfg[k] != v for k, v in meant.items())  # the defaults did change

@@ -496,7 +496,8 @@ def test_final_history_keys_keep_one_turn_of_rows_per_request(tiny_llama_dir):
     model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
     cfg = dict(CFG, max_turns=3)
     [every] = UltraEditEditor(UltraEditConfig(**cfg)).compute(model, tok, [REQS[1]], EditContext())
-    [final] = UltraEditEditor(UltraEditConfig(**cfg, history_keys="final")).compute(model, tok, [REQS[1]], EditContext())
+    final_cfg = UltraEditConfig(**cfg, history_keys="final")
+    [final] = UltraEditEditor(final_cfg).compute(model, tok, [REQS[1]], EditContext())
     turns = every.metrics["turns"]
     assert turns == final.metrics["turns"] >= 2
     for k, v in _dense(every.delta).items():
