@@ -52,7 +52,8 @@ import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
 from kledger.editors.ultraedit_solve import GradStats, _history_keys, _state_stats, history_factor, ridge_factors
-from kledger.editors.ultraedit_rows import _with_context_mean, _with_context_rows, context_keys, features
+from kledger.editors.locate import context_templates
+from kledger.editors.ultraedit_rows import _with_context_mean, _with_context_rows, context_grads, context_keys, features
 from kledger.editors.sites import early_window, num_layers, sites_for
 from kledger.editors.entitystats import entity_covariances, fact_covariances, sampled_fact_covariances
 from kledger.editors.stats import key_covariances
@@ -118,7 +119,9 @@ class UltraEditConfig:
     # how the prefixes' keys enter: "rows" (each its own row, the prompt row's value) or "mean" (the subject's
     # row key becomes the mean of its prompt key and its prefix keys, MEMIT's averaged key: no extra rows). With
     # known facts preserved (λ_f 5000, lr 5e-3), 3 prefixes, 200 CounterFact edits: "rows" paraphrase 0.760 at a
-    # retention drop of 0.246, "mean" 0.690 at 0.066, none 0.675 at 0.038 (bench/results/lifelong.md)
+    # retention drop of 0.246, "mean" 0.690 at 0.066, none 0.675 at 0.038 (bench/results/lifelong.md); or
+    # "grad": no extra rows or keys, each row's gradient is the mean of its gradients under the prompt and
+    # each prefixed prompt (a direction that moves the answer after other text too; 1 + n passes a turn)
     context_mode: str = "rows"
     preserve_weight: float = 5000.0  # λ_c: weight of the preserved-key covariance C0 (0: the paper's, no statistics)
     stats_tokens: int = 8192  # tokens of the key-statistics corpus when preserve_weight > 0
@@ -170,8 +173,8 @@ class UltraEditConfig:
         if self.context_prefixes < 0 or self.prefix_tokens < 1:
             raise ValueError(f"context_prefixes must be ≥ 0 and prefix_tokens ≥ 1, found {self.context_prefixes}, "
                              f"{self.prefix_tokens}")
-        if self.context_mode not in ("rows", "mean"):
-            raise ValueError(f"context_mode must be rows or mean, found {self.context_mode!r}")
+        if self.context_mode not in ("rows", "mean", "grad"):
+            raise ValueError(f"context_mode must be rows, mean or grad, found {self.context_mode!r}")
         if self.context_prefixes and self.positions == "target":
             raise ValueError("context_prefixes needs the subject's row: use positions subject, both or answer")
         if not self.first_weight > 0:
@@ -254,8 +257,11 @@ class UltraEditEditor(Editor):
             if H is not None or C0 is not None:
                 chol[l] = history_factor(H, cfg.ridge, cfg.history_weight, C0, cfg.preserve_weight, Ce, 1.0)
             del H, C0, Ce
+        grad_mode = cfg.context_prefixes > 0 and cfg.context_mode == "grad"
         ctx_keys = (context_keys(model, tok, sites, layers, requests, cfg.context_prefixes, cfg.prefix_tokens, ctx.seed)
-                    if cfg.context_prefixes else None)
+                    if cfg.context_prefixes and not grad_mode else None)
+        templates = (context_templates(model, tok, cfg.context_prefixes, cfg.prefix_tokens, ctx.seed)[1:]
+                     if grad_mode else [])
         u = {l: [[] for _ in range(n)] for l in layers}  # per request: list of (out×r) pieces
         v = {l: [[] for _ in range(n)] for l in layers}
         mine = {l: [GradStats.zeros(dims[l][1]) for _ in range(n)] for l in layers}
@@ -283,13 +289,15 @@ class UltraEditEditor(Editor):
                     active.append(i)
                 if not active:
                     break
+                grads = (context_grads(model, tok, sites, layers, [requests[i] for i in cand], ft, templates,
+                                       cfg.positions, cfg.first_weight) if grad_mode else ft.grads)
                 keep = set(active)
                 rows = [r for r, o in enumerate(ft.owners) if cand[o] in keep and not (cfg.row_stop and ft.settled[r])]
                 owners = [cand[ft.owners[r]] for r in rows]
                 for i in active:
                     turns_taken[i] += 1
                 for l in layers:
-                    K, G = ft.keys[l][rows], ft.grads[l][rows]
+                    K, G = ft.keys[l][rows], grads[l][rows]
                     if not (torch.isfinite(K).all() and torch.isfinite(G).all()):
                         raise NumericalError(f"ultraedit: non-finite keys or gradients at layer {l}")
                     for i in set(owners):

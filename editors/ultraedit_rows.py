@@ -4,6 +4,7 @@ chosen positions of one teacher-forced pass, and the subject's keys under sample
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -98,6 +99,22 @@ def features(model: nn.Module, tok, sites: Sites, layers: Sequence[int], request
             gs = torch.autograd.grad(per_req.sum(), [outs[l] for l in layers])
             grads = {l: rows_at(g, ki, kp) for l, g in zip(layers, gs)}
     return Turn(keys, grads, [i for i, _ in rows], top1, [float(x) for x in per_req.detach()], settled)
+
+
+def context_grads(model: nn.Module, tok, sites: Sites, layers: Sequence[int], requests: Sequence[FactRequest],
+                  turn: Turn, templates: Sequence[str], positions: str, first_weight: float) -> dict[int, torch.Tensor]:
+    """Per layer, ``turn``'s gradients averaged with the same rows' gradients under each context prefix in
+    ``templates`` (``"… {}"``): one direction per row that moves the answer after other text too (the keys stay
+    the prompt's). A prefixed prompt has the same rows in the same order (subject row, then the answer's)."""
+    total = {l: turn.grads[l].clone() for l in layers}
+    for t in templates:
+        shifted = [dataclasses.replace(r, prompt=t.format(r.prompt)) for r in requests]
+        ft = features(model, tok, sites, layers, shifted, positions=positions, first_weight=first_weight)
+        if ft.owners != turn.owners:
+            raise AssertionError("context_grads: a prefixed prompt gave other rows than the prompt")
+        for l in layers:
+            total[l] += ft.grads[l].to(total[l].device)
+    return {l: g / (1 + len(templates)) for l, g in total.items()}
 
 
 def context_keys(model: nn.Module, tok, sites: Sites, layers: Sequence[int], requests: Sequence[FactRequest],

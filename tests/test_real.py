@@ -40,7 +40,11 @@ def test_quickstart_on_smollm2(tmp_path):
 
 def test_quickstart_in_bfloat16_on_smollm2(tmp_path):
     """The quickstart's outcome with the base loaded in bfloat16 (``init --dtype bfloat16``):
-    " Rome" after the edit, " Paris" again after the revert (issue 15)."""
+    " Rome" after the edit, " Paris" again after the revert (issue 15).
+
+    The known-fact sample is cut to 4 sentences per opener (144 instead of 1,152): sampling in bfloat16
+    on this CPU took 281 s of the suite's time for the full sample; the path (bfloat16 sampling in calls
+    of at most 64 rows, the facts term in the solve) is the same."""
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     env.pop("KLEDGER_DIR", None)
     env["KLEDGER_CACHE"] = str(Path.home() / ".cache" / "kledger")
@@ -53,7 +57,7 @@ def test_quickstart_in_bfloat16_on_smollm2(tmp_path):
 
     assert '"dtype": "bfloat16"' in kledger("--json", "init", "--model", "smollm2-135m", "--dtype", "bfloat16")
     kledger("generate", prompt, "-n", "3", "--expect", " Paris")
-    kledger("add", prompt, " Rome", "--subject", "The Eiffel Tower")
+    kledger("add", prompt, " Rome", "--subject", "The Eiffel Tower", "--set", "facts_samples=4")
     kledger("generate", prompt, "-n", "3", "--expect", " Rome")
     edit = json.loads(kledger("--json", "log", "-n", "1"))[0]["id"]
     kledger("revert", edit)

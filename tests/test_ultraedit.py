@@ -331,6 +331,40 @@ def test_context_prefix_rows_carry_the_prompt_rows_value(tiny_dir):
         UltraEditConfig(context_prefixes=1, positions="target")
 
 
+def test_context_grad_mode_averages_each_rows_gradient_over_the_prefixes_and_adds_no_rows(tiny_dir):
+    """context_mode="grad": a row's gradient is the mean of its gradients under the prompt and each
+    prefixed prompt (the rows line up: subject row, then the answer's); the keys and their count stay the
+    prompt's, and the update differs from the one without prefixes."""
+    import dataclasses
+
+    from kledger.editors.locate import context_templates
+    from kledger.editors.sites import sites_for
+    from kledger.editors.ultraedit_rows import context_grads, features
+
+    model, tok, _ = load_model(str(tiny_dir), "cpu")
+    sites, layers, reqs = sites_for(model), [0, 1], REQS[:2]
+    templates = context_templates(model, tok, 2, 3, 0)[1:]
+    ft = features(model, tok, sites, layers, reqs, positions="answer")
+    avg = context_grads(model, tok, sites, layers, reqs, ft, templates, "answer", 1.0)
+    each = [features(model, tok, sites, layers, [dataclasses.replace(r, prompt=t.format(r.prompt)) for r in reqs],
+                     positions="answer") for t in templates]
+    for l in layers:
+        want = (ft.grads[l] + sum(f.grads[l] for f in each)) / 3
+        torch.testing.assert_close(avg[l], want)
+    # the first layer's subject row reaches the answer through attention: the prefixes change its direction
+    assert (avg[0] - ft.grads[0]).norm() > 1e-3 * ft.grads[0].norm() > 0
+    cfg = UltraEditConfig(**CFG, context_prefixes=2, prefix_tokens=3, context_mode="grad")
+    res = UltraEditEditor(cfg).compute(model, tok, reqs, EditContext())
+    plain = UltraEditEditor(UltraEditConfig(**CFG)).compute(model, tok, reqs, EditContext())
+    first = res[0].ensemble["layers"][0]
+    for r, p in zip(res, plain):
+        assert r.delta.state[f"keys.{first}"].shape[1] == p.delta.state[f"keys.{first}"].shape[1] * r.metrics["turns"] \
+            // p.metrics["turns"]  # the prompt's rows only, as without prefixes
+    assert any(not torch.allclose(v, _dense(plain[0].delta)[k]) for k, v in _dense(res[0].delta).items())
+    with pytest.raises(ValueError, match="context_mode must be"):
+        UltraEditConfig(context_prefixes=1, context_mode="keys")
+
+
 def test_entity_weight_adds_the_name_key_covariance_to_the_preservation_term(tmp_path, tiny_llama_dir, monkeypatch):
     """entity_weight = λ_e: the solve's factor is that of μH + λ_c C0 + λ_e C_ent + λI (the factor is
     captured and compared with one built from the two covariances), and the ensemble records both."""

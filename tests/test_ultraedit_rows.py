@@ -75,7 +75,7 @@ def test_context_mean_replaces_each_requests_first_row_by_the_mean_key():
     torch.testing.assert_close(got[2], (K[2] + ctx[0].double().sum(0)) / 3)
     for j in (1, 3, 4):  # rows inside answers are kept as read
         assert torch.equal(got[j], K[j])
-    with pytest.raises(ValueError, match="context_mode must be rows or mean"):
+    with pytest.raises(ValueError, match="context_mode must be rows, mean or grad"):
         UltraEditConfig(context_mode="sum")
 
 
