@@ -20,6 +20,7 @@ Rows go to ``WORKDIR/rows.jsonl`` (one per audit) and are copied into
     python bench/lifelong.py run --name alphaedit --method alphaedit --n 300
     python bench/lifelong.py write                                            # table + plot
     python bench/lifelong.py kept NAME --n 600                                # which edits hold / cost facts
+    python bench/lifelong.py consolidate NAME --alpha 1,10                    # re-solve the accumulated update
 """
 
 from __future__ import annotations
@@ -298,6 +299,11 @@ def main() -> None:
     ke.add_argument("--n", type=int, default=None, help="only the run's first N edits' deltas")
     ke.add_argument("--model", default="smollm2-135m")
     ke.add_argument("--threads", type=int, default=1)
+    co = sub.add_parser("consolidate", help="re-solve a run's accumulated update ΔW H (H + αΣ)⁻¹ per α, off the ledger (JSON)")
+    co.add_argument("name")
+    co.add_argument("--alpha", default="1,10", help="comma-separated α values")
+    co.add_argument("--model", default="smollm2-135m")
+    co.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cmd == "run":
@@ -309,6 +315,14 @@ def main() -> None:
 
         start = _meta(RUNS / args.name).get("start", 0)
         kept(_workspace(RUNS / args.name, args.model, args.threads), stream(start + 1000)[start:], args.n)
+    elif args.cmd == "consolidate":
+        from lifelong_consolidate import main as consolidate  # noqa: PLC0415
+
+        workdir = RUNS / args.name
+        ws = _workspace(workdir, args.model, args.threads)
+        n = _done(ws.ledger, "ultraedit")
+        start = _meta(workdir).get("start", 0)
+        consolidate(ws, workdir, stream(start + n)[start:], [float(a) for a in args.alpha.split(",")], edit_scores)
     elif args.cmd == "damage":
         from lifelong_damage import main as damage  # noqa: PLC0415
 

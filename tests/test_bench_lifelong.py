@@ -1,4 +1,5 @@
-"""bench/lifelong.py's bookkeeping: the time per edit of a run that was stopped and resumed."""
+"""bench/lifelong.py's bookkeeping: the time per edit of a run that was stopped and resumed; the
+consolidation's closed form against lstsq."""
 
 from __future__ import annotations
 
@@ -42,3 +43,30 @@ def test_sampled_facts_leave_out_the_probe_subjects_by_default_and_when_set():
     assert L.sampled_facts_exclude("ultraedit", {"facts_weight": "0"}) is None
     assert L.sampled_facts_exclude("ultraedit", {"preserve_facts": "f.json"}) is None
     assert L.sampled_facts_exclude("memit", {}) is None
+
+
+def test_consolidated_update_is_the_penalised_least_squares_fit_to_the_history_keys():
+    """ΔW H (H + αΣ)⁻¹ = argmin ‖(ΔW' − ΔW) K‖² + α tr(ΔW' Σ ΔW'ᵀ), H = K Kᵀ: against lstsq on the stacked
+    system [Kᵀ; √α Lᵀ] ΔW'ᵀ = [Kᵀ ΔWᵀ; 0] (Σ = L Lᵀ); α → 0 keeps ΔW on span(K); GPT-2's layout agrees."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(BENCH.parent))
+    from lifelong_consolidate import consolidated
+
+    g = torch.Generator().manual_seed(0)
+    out, dim, rows = 3, 6, 9
+    D = torch.randn(out, dim, generator=g, dtype=torch.float64)
+    K = torch.randn(dim, rows, generator=g, dtype=torch.float64)
+    A = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    Sig = A @ A.T + 0.1 * torch.eye(dim, dtype=torch.float64)
+    H = K @ K.T
+    for alpha in (0.1, 1.0, 10.0):
+        L = torch.linalg.cholesky(Sig)
+        lhs = torch.cat([K.T, alpha ** 0.5 * L.T])
+        rhs = torch.cat([K.T @ D.T, torch.zeros(dim, out, dtype=torch.float64)])
+        want = torch.linalg.lstsq(lhs, rhs).solution.T
+        torch.testing.assert_close(consolidated(D, H, Sig, alpha), want)
+        torch.testing.assert_close(consolidated(D.T, H, Sig, alpha, transposed=True), want.T)
+    torch.testing.assert_close(consolidated(D, H, Sig, 1e-9), D)  # 9 rows span the 6 inputs: ΔW kept
