@@ -37,6 +37,8 @@ ap.add_argument("--prefixes", type=int, default=2); ap.add_argument("--steps", t
 ap.add_argument("--lr", type=float, default=0.5); ap.add_argument("--every", type=int, default=100)
 ap.add_argument("--out", default=None, help="rows as JSON lines (default: RUNS/gated-L<layer>-g<gamma>.jsonl)")
 ap.add_argument("--probes-from", default="gs-5k", help="a lifelong run whose ledger holds the probe set")
+ap.add_argument("--fact-bank", action="store_true",
+                help="also bound radii by the keys of the known-fact sentences the model samples (editors/factsample.py)")
 a = ap.parse_args()
 torch.set_num_threads(1); torch.manual_seed(0)
 model, tok, _ = load_model("smollm2-135m", "cpu")
@@ -68,6 +70,11 @@ def keys_of(ids):
 handle.remove()
 samp = CorpusSampler(model, tok, 32, 64, 0)
 bank = torch.cat([keys_of(samp.batch(b)).reshape(-1, site.in_features) for b in range(2)]).float()
+if a.fact_bank:  # every token of the sampled fact sentences (the audit's probe subjects left out)
+    from kledger.audit.probes import probe_subjects  # noqa: E402
+    from kledger.editors.factsample import sample_fact_windows  # noqa: E402
+    wins = sample_fact_windows(model, tok, 32, 16, 0, exclude=probe_subjects())
+    bank = torch.cat([bank] + [keys_of(torch.tensor([w]))[0].float() for w in wins])
 templates = context_templates(model, tok, a.prefixes, 10, 0)
 handle = site.register_forward_hook(mem.hook)
 print("bank", bank.shape, "templates", templates, flush=True)
