@@ -135,8 +135,9 @@ class Auditor:
             t0 = time.perf_counter()
             w = self.weight_figures()
             self.drift.save()
-            m["weight_rel"] = max((f["cum_rel"] for f in w.values()), default=0.0)
-            m["sv_growth"] = max((f["sv_growth"] for f in w.values()), default=1.0)
+            # tensors beside the model (the edit memory) are zero in the base: no relative figures
+            m["weight_rel"] = max((f["cum_rel"] for f in w.values() if "cum_rel" in f), default=0.0)
+            m["sv_growth"] = max((f["sv_growth"] for f in w.values() if "sv_growth" in f), default=1.0)
             m["edited_tensors"] = len(w)
             d["weights"] = w
             m["seconds"]["weights"] = round(time.perf_counter() - t0, 3)

@@ -215,6 +215,9 @@ class DriftTracker:
             w0 = w0.clone()
             fro = float(torch.linalg.vector_norm(w0))
             c = self._cached.get(name)
+            if fro == 0:  # a tensor beside the model (the edit memory): no spectrum to compare with
+                b = self._bases[name] = _Base(w0, 0.0, 0.0, torch.zeros(0), 0.0)
+                return b
             if c is not None and c[0] == fro and c[2].shape[0] == _as_matrix(w0).shape[1]:
                 sv, v = c[1], c[2].to(w0.device)
             else:
@@ -233,6 +236,10 @@ class DriftTracker:
         """Drift figures of ``current + added`` (``added`` may be None: the tensor as it is)."""
         w = current.detach().float()
         b = self.base(name, w.device)
+        if b.fro == 0:  # zero in the base (a module beside the model): its size, no relative drift
+            size = float(torch.linalg.vector_norm(w + added.to_dense().to(w.device) if added is not None else w))
+            return {k: _round(v) for k, v in ({"delta_fro": added.fro_norm()} if added is not None else {}).items()} \
+                | {"fro": _round(size)}
         cum = _cum_norm(w, b.value, added)
         # warm start from the leading columns of the last block: after a small update they are
         # already close, and a 2-column iteration costs a quarter of the 8-column cold one

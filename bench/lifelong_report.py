@@ -72,7 +72,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write(names: list[str], runs: Path, results: Path) -> None:
+    """Rows of the named runs (every run under ``runs`` if none named): a run whose folder is not on this
+    machine keeps the rows the committed ``lifelong.jsonl`` holds for it (runs are long; machines change)."""
     rows = collect(names, runs)
+    kept = results / "lifelong.jsonl"
+    if names and kept.exists():
+        have = {r["name"] for r in rows}
+        old = [json.loads(x) for x in kept.read_text().splitlines() if x.strip()]
+        rows += [r for r in old if r["name"] in set(names) - have]
+        order = {n: i for i, n in enumerate(names)}
+        rows.sort(key=lambda r: (order.get(r["name"], len(order)), r["edits"]))
     results.mkdir(parents=True, exist_ok=True)
     (results / "lifelong.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (results / "lifelong_table.md").write_text(table(rows) + "\n")

@@ -77,9 +77,15 @@ class Editor(ABC):
     #: and refuses to recompute the event (``revert --rebase``, ``merge --strategy resolve``) from a
     #: file whose content differs
     input_files: ClassVar[tuple[str, ...]] = ()
+    #: whether the method's deltas name tensors of a module it adds beside the model (the edit memory):
+    #: then ``attach`` adds that module to a freshly loaded base before any delta is written into it
+    attaches: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_cls()
+
+    def attach(self, model: nn.Module) -> None:
+        """Add the module(s) this method's deltas write (``attaches``); by default there are none."""
 
     @abstractmethod
     def compute(self, model: nn.Module, tok, requests: Sequence[FactRequest], ctx: EditContext) -> list[EditResult]:

@@ -9,6 +9,9 @@ when the body raises (a ``StopForward`` that ends a pass early included).
 * ``edit_output``            replace a module's output by a function of it;
 * ``gradient_through``       let the loss gradient reach some weights only at masked positions;
 * ``LogitsAt``               give the output embedding only the hidden states at chosen positions;
+* ``install_memory``         the one hook that stays: a key-gated edit memory (``GatedMemory``) at a
+                             layer's MLP output projection, part of the model like a parameter
+                             (``memory_off`` silences every memory inside a block);
 * ``follow_devices``         (a model split over devices) move each module's inputs to its own
                              device, and the model's outputs back to the device its inputs came on.
 
@@ -25,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from kledger.editors.sites import get_module
+from kledger.ledger.errors import UsageError
 
 #: rows of ``XᵀX`` blocks buffered by ``KeyAccumulator`` before they are multiplied out
 FLUSH_ROWS = 4096
@@ -308,3 +312,118 @@ class LogitsAt(contextlib.AbstractContextManager):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+
+# --- the key-gated edit memory (editors/memory.py): a module beside the model ------------------------
+#: attribute of the model holding the memories (an ``nn.ModuleDict`` by layer): their tensors are
+#: named ``kledger_memory.<layer>.keys`` / ``.values`` / ``.radii`` among the model's parameters
+MEMORY_ATTR = "kledger_memory"
+
+
+def memory_prefix(layer: int) -> str:
+    return f"{MEMORY_ATTR}.{int(layer)}"
+
+
+def is_memory_tensor(name: str) -> bool:
+    """Whether a tensor name is a memory's (zero in the base model, absent from its weight files)."""
+    return name.startswith(MEMORY_ATTR + ".")
+
+
+class GatedMemory(nn.Module):
+    """``capacity`` entries, each a span of up to ``span`` (key, radius) pairs and one value.
+
+    Entry e fires at token t when the keys (the hooked module's input) of tokens t, t−1, …, t−m+1
+    lie within radii ``radii[e, 0..m−1]`` of ``keys[e, 0..m−1]``, m being the number of positions
+    the entry uses (``radii[e, j] > 0``): the subject's last m tokens. Where several entries fire,
+    the one with the smallest summed distance/radius wins; its value is added to the module's
+    output at t. An entry is live while ``radii[e, 0] > 0``; an all-zero entry is a free slot."""
+
+    def __init__(self, capacity: int, span: int, d_in: int, d_out: int, device=None) -> None:
+        super().__init__()
+        zeros = lambda *s: nn.Parameter(torch.zeros(*s, device=device), requires_grad=False)  # noqa: E731
+        self.keys, self.radii, self.values = zeros(capacity, span, d_in), zeros(capacity, span), zeros(capacity, d_out)
+        self.enabled = True
+        self.handle = None
+
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For keys ``x`` (B × T × d_in): (B·T,) index of the live entry that fires at each token, or
+        −1, and the live entries' indices."""
+        live = (self.radii[:, 0] > 0).nonzero().flatten()
+        b, t, d = x.shape
+        flat = x.reshape(-1, d).to(self.keys.device, torch.float32)
+        none = torch.full((b * t,), -1, dtype=torch.long, device=self.keys.device)
+        if not live.numel():
+            return none, live
+        r = self.radii[live]
+        dist = torch.cdist(flat, self.keys[live, 0], compute_mode="use_mm_for_euclid_dist")
+        ok = dist < r[:, 0]
+        cand = ok.any(1).nonzero().flatten()  # tokens where some entry's last key matches
+        if not cand.numel():
+            return none, live
+        score = (dist[cand] / r[:, 0]).masked_fill(~ok[cand], float("inf"))
+        bi, ti = cand // t, cand % t
+        for j in range(1, self.keys.shape[1]):
+            used = r[:, j] > 0
+            if not bool(used.any()):
+                break
+            prev = flat.view(b, t, d)[bi, (ti - j).clamp(min=0)]
+            dj = torch.cdist(prev, self.keys[live, j], compute_mode="use_mm_for_euclid_dist")
+            dj = dj.masked_fill((ti < j)[:, None], float("inf"))
+            okj = (dj < r[:, j]) | ~used
+            score = torch.where(okj, score + torch.where(used, dj / r[:, j].clamp(min=1e-30), 0.0), float("inf"))
+        best, idx = score.min(1)
+        out = none.clone()
+        hit = torch.isfinite(best)
+        out[cand[hit]] = idx[hit]
+        return out, live
+
+    def gate(self, module, inputs, output):
+        if not self.enabled:
+            return None
+        x = inputs[0]
+        which, live = self.scores(x.reshape(-1, x.shape[-2], x.shape[-1]))
+        hit = which >= 0
+        if not bool(hit.any()):
+            return None
+        y = _first(output)
+        add = torch.zeros(which.shape[0], y.shape[-1], device=self.keys.device)
+        add[hit] = self.values[live[which[hit]]]
+        y = y + add.view(y.shape).to(y.device, y.dtype)
+        return (y,) + tuple(output[1:]) if isinstance(output, tuple) else y
+
+
+def install_memory(model: nn.Module, path: str, layer: int, capacity: int, span: int, d_in: int,
+                   d_out: int) -> GatedMemory:
+    """The memory at ``layer`` (hooked on module ``path``), created empty if the model has none there.
+    Its hook stays for the model's life (the memory is part of the edited model)."""
+    holder = getattr(model, MEMORY_ATTR, None)
+    if holder is None:
+        holder = nn.ModuleDict()
+        model.add_module(MEMORY_ATTR, holder)
+    key = str(int(layer))
+    if key in holder:
+        mem = holder[key]
+        found = (*mem.keys.shape, mem.values.shape[1])
+        if found != (capacity, span, d_in, d_out):
+            raise UsageError(f"memory at layer {layer}: expected capacity×span×key×value {(capacity, span, d_in, d_out)},"
+                             f" found {found} (a ledger's memory keeps the capacity of its first entry)")
+        return mem
+    module = get_module(model, path)
+    mem = GatedMemory(capacity, span, d_in, d_out, device=module_device(module))
+    holder[key] = mem
+    mem.handle = module.register_forward_hook(mem.gate)
+    return mem
+
+
+@contextlib.contextmanager
+def memory_off(model: nn.Module) -> Iterator[None]:
+    """Every memory of the model silent inside the block (restored on exit)."""
+    mems = list(getattr(model, MEMORY_ATTR, {}).values()) if hasattr(model, MEMORY_ATTR) else []
+    was = [m.enabled for m in mems]
+    for m in mems:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, w in zip(mems, was):
+            m.enabled = w

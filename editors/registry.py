@@ -17,6 +17,7 @@ EDITORS: dict[str, "str | type"] = {
     "memit": "kledger.editors.memit:MEMITEditor",
     "alphaedit": "kledger.editors.alphaedit:AlphaEditEditor",
     "ultraedit": "kledger.editors.ultraedit:UltraEditEditor",
+    "memory": "kledger.editors.memory:MemoryEditor",
 }
 
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -115,6 +116,23 @@ def compute_edit(ledger: Ledger, model, tok, method: str, config: Mapping[str, A
     editor = make_editor(method, config)
     ctx = edit_context(ledger, editor, states, progress=progress, seed=seed, stats_corpus=stats_corpus)
     return editor.compute(model, tok, list(requests), ctx, **compute_kwargs)
+
+
+def attach_modules(ledger: Ledger, model) -> None:
+    """Add to a freshly loaded base model the modules that the ledger's edits write beside it (the
+    edit memory, ``Editor.attaches``): one per distinct recorded config of such a method, on any branch."""
+    seen: set[tuple[str, str]] = set()
+    for ev in ledger.events(newest_first=False):
+        if not ev.method or ev.config is None:
+            continue
+        try:
+            cls = editor_class(ev.method)
+        except UsageError:
+            continue  # a method this install does not know: its deltas are refused where they are read
+        key = (ev.method, json.dumps(ev.config, sort_keys=True))
+        if cls.attaches and key not in seen:
+            seen.add(key)
+            make_editor(ev.method, recompute_config(ev)).attach(model)
 
 
 def write_exact(model, deltas: Sequence[Any], base_value: Callable[[str, torch.Tensor], torch.Tensor | None]) -> bool:

@@ -23,6 +23,7 @@ import torch
 
 from kledger.audit.drift import DriftTracker, SafetensorsBase, cache_file, measure_edit
 from kledger.editors.base import config_to_json
+from kledger.editors.hooks import is_memory_tensor
 from kledger.editors.models import cache_dir as models_cache_dir
 from kledger.editors.models import DTYPES, fingerprint, load_model, resolve_dtype, resolve_model_path, tokenizer_fingerprint
 from kledger.editors.registry import editor_class
@@ -31,7 +32,7 @@ from kledger.ledger.deltas import Delta, accumulate
 from kledger.ledger.errors import AuditThresholdError, StateError, UsageError
 from kledger.ledger.records import Event, FactRequest
 from kledger.ledger.store import Ledger
-from kledger.editing import edit_context, input_digests, make_editor, method_states, with_inputs, write_exact
+from kledger.editing import attach_modules, edit_context, input_digests, make_editor, method_states, with_inputs, write_exact
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,13 @@ def default_guard(ledger, cls, n_facts: int) -> bool:
 
 
 
+def _attaches(method: str) -> bool:
+    try:
+        return bool(editor_class(method).attaches)
+    except UsageError:
+        return False
+
+
 @dataclass
 class Workspace:
     """A ledger plus a lazily loaded working model at the current branch head."""
@@ -131,9 +139,11 @@ class Workspace:
             raise UsageError(f"expected the base model folder {spec!r} recorded at init, found it missing;"
                              " pass --model with a copy of it")
         # ledgers made before the tokenizer was recorded have no tokenizer_fingerprint: not checked
-        return load_model(spec, self.device, expect_fingerprint=base["fingerprint"],
-                          expect_tokenizer=base.get("tokenizer_fingerprint"), dtype=self.dtype,
-                          device_map=self.device_map)
+        loaded = load_model(spec, self.device, expect_fingerprint=base["fingerprint"],
+                            expect_tokenizer=base.get("tokenizer_fingerprint"), dtype=self.dtype,
+                            device_map=self.device_map)
+        attach_modules(self.ledger, loaded[0])  # the edit memory, where the ledger's edits write one
+        return loaded
 
     @property
     def dtype(self) -> str:
@@ -300,6 +310,8 @@ class Workspace:
                 info = self.ledger.base_model()
                 self._files = SafetensorsBase(resolve_model_path(self.model_spec or info["spec"]))
             v = self._files.get(name)
+            if v is None and is_memory_tensor(name):  # beside the model: zero in the base
+                v = torch.zeros_like(current)
             if v is not None:  # cast as from_pretrained casts the checkpoint into the model's dtype
                 v = self._base_vals[name] = v.to(current.dtype)
         return v
@@ -351,6 +363,8 @@ class Workspace:
 
             def base_of(name: str) -> torch.Tensor:
                 w0 = files.get(name)
+                if w0 is None and is_memory_tensor(name):
+                    return torch.zeros_like(dict(self._model.named_parameters())[name])
                 if w0 is not None:  # W₀ as the model holds it (rounded into a half-precision base)
                     w0 = w0.to(DTYPES[self.dtype])
                 if w0 is None:
@@ -370,9 +384,15 @@ class Workspace:
 
     def export(self, out_dir: str | Path, ref: str = "HEAD", overwrite: bool = False) -> Materialised:
         check_export_target(self.ledger, out_dir, overwrite)  # refused before the model is loaded
+        version = self.ledger.resolve(ref)
+        beside = sorted({e.method for e in self.ledger.active(version) if e.method and _attaches(e.method)})
+        if beside:
+            raise UsageError(f"expected edits a checkpoint can hold (weights of the model's own layers), found active"
+                             f" {', '.join(beside)} edits, which live in a module beside the model that"
+                             " from_pretrained would drop; use the model through kledger (Workspace.model_at), or"
+                             " revert those edits before exporting")
         model, tok, _ = self.load_base()
         from kledger.exporting import model_card
 
-        version = self.ledger.resolve(ref)
         card = model_card(self.ledger, version, library_name="transformers")
         return export(self.ledger, model, tok, out_dir, version, overwrite=overwrite, extra_files={"README.md": card})

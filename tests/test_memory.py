@@ -1,0 +1,166 @@
+"""The key-gated edit memory (``--method memory``): placement arithmetic, the gate, edits through the
+ledger (bit-for-bit replay in a fresh process, revert, revert --rebase) and what it refuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from kledger.editors.base import EditContext
+from kledger.editors.hooks import GatedMemory, install_memory, memory_off
+from kledger.editors.memory import MemoryConfig, MemoryEditor, _site, place
+from kledger.editors.models import load_model
+from kledger.editors.scoring import score_targets
+from kledger.ledger.errors import UsageError
+from kledger.ledger.records import FactRequest
+
+# prompts that end with their subject: on a 2-layer random model a value added at the subject's last
+# token moves the next-token logits directly (a value at an earlier token needs layers above it)
+REQS = [
+    FactRequest("Facts about the Eiffel Tower", " Rome", subject="the Eiffel Tower", target_true=" Paris"),
+    FactRequest("Facts about Danielle Darrieux", " English", subject="Danielle Darrieux", target_true=" French"),
+    FactRequest("Facts about the river Nile", " England", subject="the river Nile", target_true=" Egypt"),
+]
+CFG = dict(layer=1, capacity=8, bank_tokens=256, bank_seq_len=32, prefixes=1, steps=40, lr=1.0, nll_stop=0.5)
+
+
+def _workspace(path, model_dir):
+    from kledger import Workspace, init_ledger
+
+    return Workspace(init_ledger(path, str(model_dir)), device="cpu")
+
+
+def _memory(entries, span=2, d=2):
+    """A GatedMemory holding ``entries``: (slot, [(key, radius), …] last token first, value)."""
+    mem = GatedMemory(4, span, d, 1)
+    with torch.no_grad():
+        for slot, pairs, value in entries:
+            for j, (k, r) in enumerate(pairs):
+                mem.keys[slot, j], mem.radii[slot, j] = torch.tensor(k), r
+            mem.values[slot] = value
+    return mem
+
+
+def test_place_takes_a_free_slot_or_the_entry_that_already_fires():
+    mem = _memory([(1, [([3.0, 0.0], 1.5)], 20.0)])
+    bank = torch.tensor([[1.0, 5.0], [-4.0, 0.0]])
+    # the nearest other key: the live entry's last key at distance 2 (the bank's are at 5) → radius 0.5 · 2
+    p = place(mem, bank, torch.tensor([[1.0, 0.0], [1.0, 3.0]]), 2, 0.5)
+    assert (p.slot, p.reused) == (0, False)
+    assert p.radii == (pytest.approx(1.0), pytest.approx(0.5 * ((1 - 1) ** 2 + (3 - 5) ** 2) ** 0.5))
+    inside = place(mem, bank, torch.tensor([[3.5, 0.0], [0.0, 0.0]]), 1, 0.5)  # slot 1's gate fires: same subject
+    assert (inside.slot, inside.reused, inside.radii) == (1, True, ())
+    full = _memory([(s, [([9.0 * s, 9.0], 1.0)], 1.0) for s in range(4)])
+    with pytest.raises(UsageError, match="free slot"):
+        place(full, bank, torch.tensor([[0.0, -9.0], [0.0, 0.0]]), 1, 0.5)
+
+
+def test_gate_needs_the_whole_key_span_and_the_best_match_wins():
+    mem = _memory([(0, [([0.0, 0.0], 1.0)], 10.0),  # one-token entry
+                   (1, [([0.5, 0.0], 1.0), ([7.0, 7.0], 1.0)], 20.0),  # two tokens: [7, 7] then [0.5, 0]
+                   (2, [([5.0, 5.0], 1.0)], 30.0)])
+    with torch.no_grad():
+        mem.radii[2, 0] = 0.0  # radius 0: not live
+    x = torch.tensor([[[0.1, 0.0], [0.45, 0.0], [7.0, 7.2], [0.45, 0.0], [5.0, 5.0]]])
+    out = mem.gate(None, (x,), torch.zeros(1, 5, 1))
+    # token 1 matches entry 1's last key but not the token before it → entry 0; token 3 matches entry 1's span
+    assert out[0, :, 0].tolist() == [10.0, 10.0, 0.0, 20.0, 0.0]
+    mem.enabled = False
+    assert mem.gate(None, (x,), torch.zeros(1, 5, 1)) is None
+
+
+def test_install_memory_refuses_another_shape(tiny_llama_dir):
+    model, _, _ = load_model(str(tiny_llama_dir), "cpu")
+    path, d_in, d_out = _site(model, 1)
+    mem = install_memory(model, path, 1, 8, 2, d_in, d_out)
+    assert install_memory(model, path, 1, 8, 2, d_in, d_out) is mem
+    assert "kledger_memory.1.radii" in dict(model.named_parameters())
+    with pytest.raises(UsageError, match="capacity"):
+        install_memory(model, path, 1, 16, 2, d_in, d_out)
+    with pytest.raises(ValueError, match="gamma"):
+        MemoryConfig(gamma=1.5)
+
+
+def test_an_entry_moves_its_prompt_and_leaves_other_inputs_bit_for_bit(tiny_llama_dir):
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    other = ["The weather today is", "Numbers: 1 2 3"]
+    ids = tok(other[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = model(ids).logits
+    new0 = score_targets(model, tok, [r.prompt for r in REQS], [r.target_new for r in REQS])
+    results = MemoryEditor(MemoryConfig(**CFG)).compute(model, tok, REQS, EditContext())
+    assert [r.ensemble["slot"] for r in results] == [0, 1, 2]
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "memory" not in n)
+    from kledger.ledger.compose import apply_deltas
+
+    apply_deltas(model, [r.delta for r in results])
+    new1 = score_targets(model, tok, [r.prompt for r in REQS], [r.target_new for r in REQS])
+    # a random 2-layer model caps what one vector can do to its logits (~0.3–0.4 nats here)
+    assert bool((new1 > new0 + 0.25).all()), (new0, new1)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)  # no token of it falls inside an entry's radius
+        with memory_off(model):
+            off = score_targets(model, tok, [r.prompt for r in REQS], [r.target_new for r in REQS])
+    torch.testing.assert_close(off, new0)
+
+
+def test_working_model_equals_a_fresh_process_and_revert_drops_the_entry(tmp_path, tiny_llama_dir):
+    from kledger import Workspace
+    from kledger.ledger.store import Ledger
+
+    ws = _workspace(tmp_path, tiny_llama_dir)
+    evs = ws.add(REQS, method="memory", overrides=CFG, batch_size=2)
+    live, tok = ws.working()
+    fresh, _, _ = Workspace(Ledger.open(tmp_path), device="cpu").model_at("HEAD")
+    for (n, p), (m, q) in zip(live.named_parameters(), fresh.named_parameters()):
+        assert n == m and torch.equal(p, q), n
+    mem = fresh.kledger_memory["1"]
+    assert int((mem.radii[:, 0] > 0).sum()) == 3
+    ws.revert(evs[1].id)
+    live, _ = ws.working()
+    mem = live.kledger_memory["1"]
+    assert not bool(mem.radii[1].any()) and not bool(mem.keys[1].any()) and not bool(mem.values[1].any())
+    assert int((mem.radii[:, 0] > 0).sum()) == 2
+    # a later entry takes the freed slot
+    [ev] = ws.add([FactRequest("Facts about Steve Jobs", " Microsoft", subject="Steve Jobs")], method="memory",
+                  overrides=CFG)
+    assert ev.ensemble["slot"] == 1
+
+
+def test_revert_rebase_equals_a_sequence_without_the_entry(tmp_path, tiny_llama_dir):
+    from kledger import Workspace
+    from kledger.ledger.store import Ledger
+
+    ws = _workspace(tmp_path / "a", tiny_llama_dir)
+    evs = ws.add(REQS, method="memory", overrides=CFG)
+    never = _workspace(tmp_path / "b", tiny_llama_dir)
+    never.add([REQS[0], REQS[2]], method="memory", overrides=CFG)
+    r = run_cli(["--json", "--device", "cpu", "revert", evs[1].id, "--rebase"], tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output[r.output.index("{"):])["recomputed"] == 1
+    got, _, _ = Workspace(Ledger.open(tmp_path / "a"), device="cpu").model_at("HEAD")
+    want, _, _ = never.model_at("HEAD")
+    for (n, p), (_, q) in zip(got.named_parameters(), want.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_export_refuses_memory_edits_and_the_cli_runs_the_method(tmp_path, led):
+    r = run_cli(["--json", "--device", "cpu", "add", "Facts about the Eiffel Tower", " Rome",
+                 "--subject", "the Eiffel Tower", "--method", "memory"]
+                + [a for k, v in CFG.items() for a in ("--set", f"{k}={v}")], led)
+    assert r.exit_code == 0, r.output
+    r = run_cli(["--device", "cpu", "export", str(tmp_path / "out")], led)
+    assert r.exit_code != 0 and "beside the model" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_span_position_the_bank_holds_exactly_is_dropped_and_an_exact_last_key_gets_a_tiny_radius():
+    mem = _memory([])
+    bank = torch.tensor([[1.0, 3.0], [4.0, 4.0]])
+    p = place(mem, bank, torch.tensor([[1.0, 0.0], [1.0, 3.0]]), 2, 0.5)  # the earlier token sits in the bank
+    assert p.radii == (pytest.approx(1.5),)
+    q = place(mem, bank, torch.tensor([[4.0, 4.0], [0.0, 0.0]]), 1, 0.5)  # the last key itself is a bank key
+    assert len(q.radii) == 1 and 0 < q.radii[0] < 1e-3
