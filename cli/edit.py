@@ -11,7 +11,7 @@ import click
 
 from kledger.cli.app import App, pass_app
 from kledger.cli.main import cli
-from kledger.editors.registry import EDITORS, editor_class
+from kledger.editors.registry import DEFAULT_METHOD, EDITORS, editor_class
 from kledger.ledger.errors import NotFoundError, UsageError
 from kledger.ledger.records import FactRequest, load_requests
 from kledger.ledger.store import Ledger
@@ -88,7 +88,7 @@ class _AddCommand(click.Command):
 @click.argument("target", required=False)
 @click.option("--subject", help="The subject, a substring of PROMPT (needed by locate-then-edit methods).")
 @click.option("--target-true", help="The answer being replaced, if known (for efficacy scores).")
-@click.option("--method", default="ultraedit", show_default=True, help="Editing method (see below).")
+@click.option("--method", default=DEFAULT_METHOD, show_default=True, help="Editing method (see below).")
 @click.option("--from-file", "from_file", type=click.Path(dir_okay=False),
               help="JSON list of facts (EasyEdit flat CounterFact or zsRE format); one event per fact.")
 @click.option("--batch", "batch_file", type=click.Path(dir_okay=False), hidden=True)

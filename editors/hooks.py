@@ -343,7 +343,8 @@ class GatedMemory(nn.Module):
         zeros = lambda *s: nn.Parameter(torch.zeros(*s, device=device), requires_grad=False)  # noqa: E731
         self.keys, self.radii, self.values = zeros(capacity, span, d_in), zeros(capacity, span), zeros(capacity, d_out)
         self.enabled = True
-        self.handle = None
+        self.handle = None  # the forward hook on the module at ``path`` (set by ``install_memory``)
+        self.path = ""
 
     def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For keys ``x`` (B × T × d_in): (B·T,) index of the live entry that fires at each token, or
@@ -411,8 +412,19 @@ def install_memory(model: nn.Module, path: str, layer: int, capacity: int, span:
     module = get_module(model, path)
     mem = GatedMemory(capacity, span, d_in, d_out, device=module_device(module))
     holder[key] = mem
-    mem.handle = module.register_forward_hook(mem.gate)
+    mem.path, mem.handle = path, module.register_forward_hook(mem.gate)
     return mem
+
+
+def remove_memory(model: nn.Module) -> None:
+    """Take every memory (and its hook) off the model."""
+    holder = getattr(model, MEMORY_ATTR, None)
+    if holder is None:
+        return
+    for mem in holder.values():
+        if mem.handle is not None:
+            mem.handle.remove()
+    delattr(model, MEMORY_ATTR)
 
 
 @contextlib.contextmanager

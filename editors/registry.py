@@ -21,6 +21,10 @@ EDITORS: dict[str, "str | type"] = {
 }
 
 
+#: the method ``kledger add`` and ``Workspace.add`` use unless told otherwise (bench/results/lifelong.md)
+DEFAULT_METHOD = "ultraedit"
+
+
 def editor_class(name: str):
     if name not in EDITORS:
         raise UsageError(f"expected a method in {sorted(EDITORS)}, found {name!r}")

@@ -146,6 +146,7 @@ def do_merge(ledger: "Ledger", plan: "MergePlan", strategy_name: str = "sum", *,
         raise UsageError(f"unknown merge options {unknown}; expected some of {sorted(known)}")
     if plan.unresolved:
         raise StateError(f"expected no unresolved hard conflicts, found {len(plan.unresolved)}")
+    _refuse_shared_memory_slots(plan)
     own = {o.name: o.default if options.get(o.name) is None else options[o.name] for o in s.options}
     dropped = plan.dropped()
     t0 = time.perf_counter()
@@ -161,6 +162,19 @@ def do_merge(ledger: "Ledger", plan: "MergePlan", strategy_name: str = "sum", *,
                        metrics=metrics, delta=out.delta, method=out.method, request=out.request,
                        expect_head=plan.ours.id, message=message or f"merge {branch} ({s.name})")
     return ev, dict(out.details or {})
+
+
+def _refuse_shared_memory_slots(plan: "MergePlan") -> None:
+    """Both sides wrote entries into the same slots of an edit memory (each branch filled its own free
+    slots): summed, those entries would be garbage. Refused, whatever the strategy."""
+    from kledger.editors.hooks import is_memory_tensor
+
+    shared = sorted({(o["ours"], o["theirs"]) for o in plan.overlaps if is_memory_tensor(o["tensor"])})
+    if shared:
+        pairs = ", ".join(f"{a[:8]}/{b[:8]}" for a, b in shared[:3])
+        raise StateError(f"expected the two sides' edit-memory entries in different slots, found {len(shared)} pairs"
+                         f" in the same slots (ours/theirs: {pairs}); revert one side's memory edits and add"
+                         " those facts again after the merge")
 
 
 def _batch_solves(method: str | None) -> bool:

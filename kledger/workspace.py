@@ -26,12 +26,13 @@ from kledger.editors.base import config_to_json
 from kledger.editors.hooks import is_memory_tensor
 from kledger.editors.models import cache_dir as models_cache_dir
 from kledger.editors.models import DTYPES, fingerprint, load_model, resolve_dtype, resolve_model_path, tokenizer_fingerprint
-from kledger.editors.registry import editor_class
+from kledger.editors.registry import DEFAULT_METHOD, editor_class
 from kledger.ledger.compose import Materialised, apply_deltas, check_export_target, export, materialise
 from kledger.ledger.deltas import Delta, accumulate
 from kledger.ledger.errors import AuditThresholdError, StateError, UsageError
 from kledger.ledger.records import Event, FactRequest
 from kledger.ledger.store import Ledger
+from kledger import memory_export
 from kledger.editing import attach_modules, edit_context, input_digests, make_editor, method_states, with_inputs, write_exact
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class Workspace:
     def add(
         self,
         requests: Sequence[FactRequest],
-        method: str = "ultraedit",
+        method: str = DEFAULT_METHOD,
         overrides: Mapping[str, Any] | None = None,
         batch_size: int = 1,
         on_event: Callable[[Event], None] | None = None,
@@ -385,14 +386,13 @@ class Workspace:
     def export(self, out_dir: str | Path, ref: str = "HEAD", overwrite: bool = False) -> Materialised:
         check_export_target(self.ledger, out_dir, overwrite)  # refused before the model is loaded
         version = self.ledger.resolve(ref)
-        beside = sorted({e.method for e in self.ledger.active(version) if e.method and _attaches(e.method)})
-        if beside:
-            raise UsageError(f"expected edits a checkpoint can hold (weights of the model's own layers), found active"
-                             f" {', '.join(beside)} edits, which live in a module beside the model that"
-                             " from_pretrained would drop; use the model through kledger (Workspace.model_at), or"
-                             " revert those edits before exporting")
         model, tok, _ = self.load_base()
         from kledger.exporting import model_card
 
-        card = model_card(self.ledger, version, library_name="transformers")
-        return export(self.ledger, model, tok, out_dir, version, overwrite=overwrite, extra_files={"README.md": card})
+        # edits in the key-gated memory: a folder with remote code (kledger/memory_export.py)
+        gated = any(_attaches(e.method) for e in self.ledger.active(version) if e.method)
+        note = [memory_export.CARD_NOTE] if gated else []
+        card = model_card(self.ledger, version, library_name="transformers", extra=note)
+        extra = memory_export.prepare(model, gated)
+        return export(self.ledger, model, tok, out_dir, version, overwrite=overwrite,
+                      extra_files={"README.md": card, **extra})

@@ -147,20 +147,44 @@ def test_revert_rebase_equals_a_sequence_without_the_entry(tmp_path, tiny_llama_
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_export_refuses_memory_edits_and_the_cli_runs_the_method(tmp_path, led):
-    r = run_cli(["--json", "--device", "cpu", "add", "Facts about the Eiffel Tower", " Rome",
-                 "--subject", "the Eiffel Tower", "--method", "memory"]
+def test_export_carries_the_memory_as_remote_code_and_the_cli_runs_the_method(tmp_path, led):
+    from transformers import AutoModelForCausalLM
+
+    from kledger import Workspace
+    from kledger.ledger.store import Ledger
+
+    r = run_cli(["--json", "--device", "cpu", "add", REQS[0].prompt, REQS[0].target_new,
+                 "--subject", REQS[0].subject, "--method", "memory"]
                 + [a for k, v in CFG.items() for a in ("--set", f"{k}={v}")], led)
     assert r.exit_code == 0, r.output
     r = run_cli(["--device", "cpu", "export", str(tmp_path / "out")], led)
-    assert r.exit_code != 0 and "beside the model" in r.output
-    assert not (tmp_path / "out").exists()
+    assert r.exit_code == 0, r.output
+    assert "trust_remote_code" in (tmp_path / "out" / "README.md").read_text()
+    with pytest.raises(ValueError, match="trust_remote_code"):  # refused, never loaded without the edits
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), trust_remote_code=False)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), trust_remote_code=True)
+    want, tok, _ = Workspace(Ledger.open(led), device="cpu").model_at("HEAD")
+    ids = tok(REQS[0].prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want(ids).logits)
+        with memory_off(want):
+            assert not torch.allclose(loaded(ids).logits, want(ids).logits)  # the entry is what moves it
+    # after a revert of the only memory edit the export is a plain checkpoint again
+    assert run_cli(["revert", "HEAD"], led).exit_code == 0
+    assert run_cli(["--device", "cpu", "export", str(tmp_path / "plain")], led).exit_code == 0
+    assert not (tmp_path / "plain" / "modeling_kledger_memory.py").exists()
+    assert "kledger_memory" not in json.loads((tmp_path / "plain" / "config.json").read_text())
 
 
-def test_a_span_position_the_bank_holds_exactly_is_dropped_and_an_exact_last_key_gets_a_tiny_radius():
-    mem = _memory([])
-    bank = torch.tensor([[1.0, 3.0], [4.0, 4.0]])
-    p = place(mem, bank, torch.tensor([[1.0, 0.0], [1.0, 3.0]]), 2, 0.5)  # the earlier token sits in the bank
-    assert p.radii == (pytest.approx(1.5),)
-    q = place(mem, bank, torch.tensor([[4.0, 4.0], [0.0, 0.0]]), 1, 0.5)  # the last key itself is a bank key
-    assert len(q.radii) == 1 and 0 < q.radii[0] < 1e-3
+def test_merging_branches_whose_entries_share_a_slot_is_refused(tmp_path, tiny_llama_dir):
+    ws = _workspace(tmp_path, tiny_llama_dir)
+    main = ws.ledger.current_branch()
+    ws.ledger.create_branch("side")
+    ws.add([REQS[0]], method="memory", overrides=CFG)
+    ws.ledger.set_current_branch("side")
+    ws.add([REQS[1]], method="memory", overrides=CFG)  # the side branch fills slot 0 too
+    ws.ledger.set_current_branch(main)
+    head = ws.ledger.head().id
+    r = run_cli(["merge", "side"], tmp_path)
+    assert r.exit_code != 0 and "same slots" in r.output, r.output
+    assert ws.ledger.head().id == head
