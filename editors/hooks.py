@@ -9,7 +9,7 @@ when the body raises (a ``StopForward`` that ends a pass early included).
 * ``edit_output``            replace a module's output by a function of it;
 * ``gradient_through``       let the loss gradient reach some weights only at masked positions;
 * ``LogitsAt``               give the output embedding only the hidden states at chosen positions;
-* ``install_memory``         the one hook that stays: a key-gated edit memory (``GatedMemory``) at a
+* ``install_memory``         the hooks that stay: a token-gated edit memory (``GatedMemory``) at a
                              layer's MLP output projection, part of the model like a parameter
                              (``memory_off`` silences every memory inside a block);
 * ``follow_devices``         (a model split over devices) move each module's inputs to its own
@@ -314,7 +314,7 @@ class LogitsAt(contextlib.AbstractContextManager):
             self.handle = None
 
 
-# --- the key-gated edit memory (editors/memory.py): a module beside the model ------------------------
+# --- the token-gated edit memory (editors/memory.py): a module beside the model ------------------------
 #: attribute of the model holding the memories (an ``nn.ModuleDict`` by layer): their tensors are
 #: named ``kledger_memory.<layer>.keys`` / ``.values`` / ``.radii`` among the model's parameters
 MEMORY_ATTR = "kledger_memory"
@@ -330,73 +330,80 @@ def is_memory_tensor(name: str) -> bool:
 
 
 class GatedMemory(nn.Module):
-    """``capacity`` entries, each a span of up to ``span`` (key, radius) pairs and one value.
+    """``capacity`` entries, each a span of up to ``span`` token ids (last token first, two spellings per
+    position: a word-initial token differs with and without a leading space) and one value.
 
-    Entry e fires at token t when the keys (the hooked module's input) of tokens t, t−1, …, t−m+1
-    lie within radii ``radii[e, 0..m−1]`` of ``keys[e, 0..m−1]``, m being the number of positions
-    the entry uses (``radii[e, j] > 0``): the subject's last m tokens. Where several entries fire,
-    the one with the smallest summed distance/radius wins; its value is added to the module's
-    output at t. An entry is live while ``radii[e, 0] > 0``; an all-zero entry is a free slot."""
+    Entry e fires at token t when the ids of tokens t, t−1, …, t−m+1 are its span (m = the
+    positions it uses); where several fire, the longest span wins (then the lowest slot). Its
+    value is added to the hooked module's output at t. Ids are stored as id + 1 in fp32 (exact
+    below 2²⁴), 0 meaning "no id": an entry is live while ``ids[e, 0, 0] > 0``, and an all-zero entry
+    is a free slot. The token ids of a forward pass are read by a pre-hook on the input embedding
+    (``install_memory``) and used once: a pass given ``inputs_embeds`` instead of ids sees no entry,
+    and a cached generation step (one new token) sees only entries whose span is that token."""
 
-    def __init__(self, capacity: int, span: int, d_in: int, d_out: int, device=None) -> None:
+    def __init__(self, capacity: int, span: int, d_out: int, device=None) -> None:
         super().__init__()
         zeros = lambda *s: nn.Parameter(torch.zeros(*s, device=device), requires_grad=False)  # noqa: E731
-        self.keys, self.radii, self.values = zeros(capacity, span, d_in), zeros(capacity, span), zeros(capacity, d_out)
+        self.ids, self.values = zeros(capacity, span, 2), zeros(capacity, d_out)
         self.enabled = True
-        self.handle = None  # the forward hook on the module at ``path`` (set by ``install_memory``)
+        self.handles: list = []  # the embedding pre-hook and the module hook (set by ``install_memory``)
         self.path = ""
+        self._tokens: torch.Tensor | None = None  # this forward pass's token ids (B × T)
 
-    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For keys ``x`` (B × T × d_in): (B·T,) index of the live entry that fires at each token, or
-        −1, and the live entries' indices."""
-        live = (self.radii[:, 0] > 0).nonzero().flatten()
-        b, t, d = x.shape
-        flat = x.reshape(-1, d).to(self.keys.device, torch.float32)
-        none = torch.full((b * t,), -1, dtype=torch.long, device=self.keys.device)
+    def read_tokens(self, module, args, kwargs=None):
+        ids = args[0] if args else (kwargs or {}).get("input")
+        self._tokens = ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() else None
+
+    def which(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For token ids (B × T): (B·T,) index into the live entries of the entry that fires at each
+        token, or −1; and the live entries' slots."""
+        live = (self.ids[:, 0, 0] > 0).nonzero().flatten()
+        b, t = tokens.shape
+        out = torch.full((b * t,), -1, dtype=torch.long, device=self.ids.device)
         if not live.numel():
-            return none, live
-        r = self.radii[live]
-        dist = torch.cdist(flat, self.keys[live, 0], compute_mode="use_mm_for_euclid_dist")
-        ok = dist < r[:, 0]
-        cand = ok.any(1).nonzero().flatten()  # tokens where some entry's last key matches
+            return out, live
+        want = self.ids[live].long() - 1  # L × span × 2, −1 = no id
+        tok = tokens.to(self.ids.device).long()
+        ok = (tok.reshape(-1, 1, 1) == want[None, :, 0]).any(-1)  # B·T × L: the last token matches
+        cand = ok.any(1).nonzero().flatten()
         if not cand.numel():
-            return none, live
-        score = (dist[cand] / r[:, 0]).masked_fill(~ok[cand], float("inf"))
+            return out, live
+        ok = ok[cand]
+        length = torch.ones(len(live), device=self.ids.device)
         bi, ti = cand // t, cand % t
-        for j in range(1, self.keys.shape[1]):
-            used = r[:, j] > 0
+        for j in range(1, want.shape[1]):
+            used = want[:, j, 0] >= 0
             if not bool(used.any()):
                 break
-            prev = flat.view(b, t, d)[bi, (ti - j).clamp(min=0)]
-            dj = torch.cdist(prev, self.keys[live, j], compute_mode="use_mm_for_euclid_dist")
-            dj = dj.masked_fill((ti < j)[:, None], float("inf"))
-            okj = (dj < r[:, j]) | ~used
-            score = torch.where(okj, score + torch.where(used, dj / r[:, j].clamp(min=1e-30), 0.0), float("inf"))
-        best, idx = score.min(1)
-        out = none.clone()
-        hit = torch.isfinite(best)
+            prev = torch.where(ti >= j, tok[bi, (ti - j).clamp(min=0)], torch.full_like(ti, -2))
+            ok &= (prev[:, None, None] == want[None, :, j]).any(-1) | ~used
+            length = length + used.float()
+        score = torch.where(ok, length[None, :] - torch.arange(len(live), device=ok.device)[None, :] * 1e-6, -1.0)
+        best, idx = score.max(1)
+        hit = best > 0
         out[cand[hit]] = idx[hit]
         return out, live
 
     def gate(self, module, inputs, output):
-        if not self.enabled:
+        tokens, self._tokens = self._tokens, None  # used once: never a later pass's
+        if not self.enabled or tokens is None:
             return None
-        x = inputs[0]
-        which, live = self.scores(x.reshape(-1, x.shape[-2], x.shape[-1]))
+        y = _first(output)
+        if tuple(tokens.shape) != tuple(y.shape[:2]):
+            return None
+        which, live = self.which(tokens)
         hit = which >= 0
         if not bool(hit.any()):
             return None
-        y = _first(output)
-        add = torch.zeros(which.shape[0], y.shape[-1], device=self.keys.device)
+        add = torch.zeros(which.shape[0], y.shape[-1], device=self.values.device)
         add[hit] = self.values[live[which[hit]]]
         y = y + add.view(y.shape).to(y.device, y.dtype)
         return (y,) + tuple(output[1:]) if isinstance(output, tuple) else y
 
 
-def install_memory(model: nn.Module, path: str, layer: int, capacity: int, span: int, d_in: int,
-                   d_out: int) -> GatedMemory:
+def install_memory(model: nn.Module, path: str, layer: int, capacity: int, span: int, d_out: int) -> GatedMemory:
     """The memory at ``layer`` (hooked on module ``path``), created empty if the model has none there.
-    Its hook stays for the model's life (the memory is part of the edited model)."""
+    Its hooks stay for the model's life (the memory is part of the edited model)."""
     holder = getattr(model, MEMORY_ATTR, None)
     if holder is None:
         holder = nn.ModuleDict()
@@ -404,15 +411,17 @@ def install_memory(model: nn.Module, path: str, layer: int, capacity: int, span:
     key = str(int(layer))
     if key in holder:
         mem = holder[key]
-        found = (*mem.keys.shape, mem.values.shape[1])
-        if found != (capacity, span, d_in, d_out):
-            raise UsageError(f"memory at layer {layer}: expected capacity×span×key×value {(capacity, span, d_in, d_out)},"
-                             f" found {found} (a ledger's memory keeps the capacity of its first entry)")
+        found = (mem.ids.shape[0], mem.ids.shape[1], mem.values.shape[1])
+        if found != (capacity, span, d_out):
+            raise UsageError(f"memory at layer {layer}: expected capacity×span×value {(capacity, span, d_out)},"
+                             f" found {found} (a ledger's memory keeps the sizes of its first entry)")
         return mem
     module = get_module(model, path)
-    mem = GatedMemory(capacity, span, d_in, d_out, device=module_device(module))
+    mem = GatedMemory(capacity, span, d_out, device=module_device(module))
     holder[key] = mem
-    mem.path, mem.handle = path, module.register_forward_hook(mem.gate)
+    mem.path = path
+    mem.handles = [model.get_input_embeddings().register_forward_pre_hook(mem.read_tokens, with_kwargs=True),
+                   module.register_forward_hook(mem.gate)]
     return mem
 
 
@@ -422,8 +431,8 @@ def remove_memory(model: nn.Module) -> None:
     if holder is None:
         return
     for mem in holder.values():
-        if mem.handle is not None:
-            mem.handle.remove()
+        for h in mem.handles:
+            h.remove()
     delattr(model, MEMORY_ATTR)
 
 

@@ -1,4 +1,4 @@
-"""Exporting a version whose active edits include the key-gated edit memory (``--method memory``).
+"""Exporting a version whose active edits include the token-gated edit memory (``--method memory``).
 
 A plain checkpoint cannot hold the memory: ``from_pretrained`` would load the weights and drop the
 entries, silently serving the unedited model. So such an export is a Hugging Face folder *with
@@ -24,10 +24,10 @@ MODELING_FILE = "modeling_kledger_memory.py"
 CLASS_NAME = "KledgerMemoryForCausalLM"
 CONFIG_NAME = "KledgerMemoryConfig"
 #: the model card's line on loading such an export
-CARD_NOTE = ("Some edits live in kledger's key-gated edit memory (`modeling_kledger_memory.py`): load with"
+CARD_NOTE = ("Some edits live in kledger's token-gated edit memory (`modeling_kledger_memory.py`): load with"
              " `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.")
 
-_TEMPLATE = '''"""Written by kledger export: {arch} with kledger's key-gated edit memory (load with trust_remote_code=True)."""
+_TEMPLATE = '''"""Written by kledger export: {arch} with kledger's token-gated edit memory (load with trust_remote_code=True)."""
 import torch
 import torch.nn as nn
 from transformers import {arch}, {config}
@@ -48,9 +48,10 @@ class {cls}({arch}):
         super().__init__(config)
         holder = nn.ModuleDict()
         for spec in config.kledger_memory:
-            mem = GatedMemory(spec["capacity"], spec["span"], spec["d_in"], spec["d_out"])
+            mem = GatedMemory(spec["capacity"], spec["span"], spec["d_out"])
             holder[str(spec["layer"])] = mem
-            mem.handle = self.get_submodule(spec["path"]).register_forward_hook(mem.gate)
+            mem.handles = [self.get_input_embeddings().register_forward_pre_hook(mem.read_tokens, with_kwargs=True),
+                           self.get_submodule(spec["path"]).register_forward_hook(mem.gate)]
         self.kledger_memory = holder
 '''
 
@@ -60,8 +61,7 @@ def memory_specs(model: nn.Module) -> list[dict]:
     holder = getattr(model, hooks.MEMORY_ATTR, None)
     out = []
     for layer, mem in (holder.items() if holder is not None else ()):
-        cap, span, d_in = mem.keys.shape
-        out.append({"layer": int(layer), "path": mem.path, "capacity": cap, "span": span, "d_in": d_in,
+        out.append({"layer": int(layer), "path": mem.path, "capacity": mem.ids.shape[0], "span": mem.ids.shape[1],
                     "d_out": mem.values.shape[1]})
     return out
 

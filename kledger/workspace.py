@@ -389,7 +389,7 @@ class Workspace:
         model, tok, _ = self.load_base()
         from kledger.exporting import model_card
 
-        # edits in the key-gated memory: a folder with remote code (kledger/memory_export.py)
+        # edits in the token-gated memory: a folder with remote code (kledger/memory_export.py)
         gated = any(_attaches(e.method) for e in self.ledger.active(version) if e.method)
         note = [memory_export.CARD_NOTE] if gated else []
         card = model_card(self.ledger, version, library_name="transformers", extra=note)

@@ -1,4 +1,4 @@
-"""The key-gated edit memory (``--method memory``): placement arithmetic, the gate, edits through the
+"""The token-gated edit memory (``--method memory``): placement, the gate, edits through the
 ledger (bit-for-bit replay in a fresh process, revert, revert --rebase) and what it refuses."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli
 from kledger.editors.base import EditContext
 from kledger.editors.hooks import GatedMemory, install_memory, memory_off
-from kledger.editors.memory import MemoryConfig, MemoryEditor, _site, place
+from kledger.editors.memory import MemoryConfig, MemoryEditor, _site, place, span_ids
 from kledger.editors.models import load_model
 from kledger.editors.scoring import score_targets
 from kledger.ledger.errors import UsageError
@@ -24,7 +24,7 @@ REQS = [
     FactRequest("Facts about Danielle Darrieux", " English", subject="Danielle Darrieux", target_true=" French"),
     FactRequest("Facts about the river Nile", " England", subject="the river Nile", target_true=" Egypt"),
 ]
-CFG = dict(layer=1, capacity=8, bank_tokens=256, bank_seq_len=32, prefixes=1, steps=40, lr=1.0, nll_stop=0.5)
+CFG = dict(layer=1, capacity=8, prefixes=1, steps=40, lr=1.0, nll_stop=0.5)
 
 
 def _workspace(path, model_dir):
@@ -33,55 +33,66 @@ def _workspace(path, model_dir):
     return Workspace(init_ledger(path, str(model_dir)), device="cpu")
 
 
-def _memory(entries, span=2, d=2):
-    """A GatedMemory holding ``entries``: (slot, [(key, radius), …] last token first, value)."""
-    mem = GatedMemory(4, span, d, 1)
+def _memory(entries, span=3, d=1):
+    """A GatedMemory holding ``entries``: (slot, [[ids of the last token], [ids of the one before], …], value)."""
+    mem = GatedMemory(4, span, d)
     with torch.no_grad():
-        for slot, pairs, value in entries:
-            for j, (k, r) in enumerate(pairs):
-                mem.keys[slot, j], mem.radii[slot, j] = torch.tensor(k), r
+        for slot, positions, value in entries:
+            for j, spellings in enumerate(positions):
+                for v, tid in enumerate(spellings):
+                    mem.ids[slot, j, v] = tid + 1
             mem.values[slot] = value
     return mem
 
 
-def test_place_takes_a_free_slot_or_the_entry_that_already_fires():
-    mem = _memory([(1, [([3.0, 0.0], 1.5)], 20.0)])
-    bank = torch.tensor([[1.0, 5.0], [-4.0, 0.0]])
-    # the nearest other key: the live entry's last key at distance 2 (the bank's are at 5) → radius 0.5 · 2
-    p = place(mem, bank, torch.tensor([[1.0, 0.0], [1.0, 3.0]]), 2, 0.5)
-    assert (p.slot, p.reused) == (0, False)
-    assert p.radii == (pytest.approx(1.0), pytest.approx(0.5 * ((1 - 1) ** 2 + (3 - 5) ** 2) ** 0.5))
-    inside = place(mem, bank, torch.tensor([[3.5, 0.0], [0.0, 0.0]]), 1, 0.5)  # slot 1's gate fires: same subject
-    assert (inside.slot, inside.reused, inside.radii) == (1, True, ())
-    full = _memory([(s, [([9.0 * s, 9.0], 1.0)], 1.0) for s in range(4)])
+def _entry(*positions, span=3):
+    e = torch.zeros(span, 2)
+    for j, spellings in enumerate(positions):
+        for v, tid in enumerate(spellings):
+            e[j, v] = tid + 1
+    return e
+
+
+def test_place_reuses_the_entry_with_the_same_span_in_either_spelling_else_a_free_slot():
+    mem = _memory([(1, [[7], [5, 6]], 20.0)])
+    assert place(mem.ids, _entry([7], [6])) == (1, True)  # the other spelling of the earlier token
+    assert place(mem.ids, _entry([7])) == (0, False)  # a shorter span is another subject
+    assert place(mem.ids, _entry([7], [5], [9])) == (0, False)
+    full = _memory([(s, [[s]], 1.0) for s in range(4)])
     with pytest.raises(UsageError, match="free slot"):
-        place(full, bank, torch.tensor([[0.0, -9.0], [0.0, 0.0]]), 1, 0.5)
+        place(full.ids, _entry([9]))
 
 
-def test_gate_needs_the_whole_key_span_and_the_best_match_wins():
-    mem = _memory([(0, [([0.0, 0.0], 1.0)], 10.0),  # one-token entry
-                   (1, [([0.5, 0.0], 1.0), ([7.0, 7.0], 1.0)], 20.0),  # two tokens: [7, 7] then [0.5, 0]
-                   (2, [([5.0, 5.0], 1.0)], 30.0)])
-    with torch.no_grad():
-        mem.radii[2, 0] = 0.0  # radius 0: not live
-    x = torch.tensor([[[0.1, 0.0], [0.45, 0.0], [7.0, 7.2], [0.45, 0.0], [5.0, 5.0]]])
-    out = mem.gate(None, (x,), torch.zeros(1, 5, 1))
-    # token 1 matches entry 1's last key but not the token before it → entry 0; token 3 matches entry 1's span
-    assert out[0, :, 0].tolist() == [10.0, 10.0, 0.0, 20.0, 0.0]
+def test_span_ids_keep_the_contexts_spellings_and_the_span_all_contexts_have():
+    ids = [[5, 6, 7, 8], [1, 2, 16, 7, 8]]  # the subject "6 7" / "16 7" (after other text), then a token
+    out = span_ids(ids, [(1, 3), (2, 4)], 3)
+    assert out.tolist() == [[8.0, 0.0], [7.0, 17.0], [0.0, 0.0]]
+
+
+def test_gate_fires_on_the_whole_span_and_the_longest_match_wins():
+    mem = _memory([(0, [[3]], 10.0),  # one-token subject "3"
+                   (1, [[3], [2, 12]], 20.0),  # two tokens "2 3" (or "12 3")
+                   (2, [[4], [8], [9]], 30.0)])  # three tokens "9 8 4"
+    mem.read_tokens(None, (torch.tensor([[1, 3, 2, 3, 12, 3, 8, 4, 9, 8, 4]]),))
+    out = mem.gate(None, (None,), torch.zeros(1, 11, 1))
+    assert out[0, :, 0].tolist() == [0, 10, 0, 20, 0, 20, 0, 0, 0, 0, 30]
+    # the ids are used once: a later pass without them (inputs_embeds) sees no entry
+    assert mem.gate(None, (None,), torch.zeros(1, 11, 1)) is None
+    mem.read_tokens(None, (torch.tensor([[2, 3]]),))
     mem.enabled = False
-    assert mem.gate(None, (x,), torch.zeros(1, 5, 1)) is None
+    assert mem.gate(None, (None,), torch.zeros(1, 2, 1)) is None
 
 
 def test_install_memory_refuses_another_shape(tiny_llama_dir):
     model, _, _ = load_model(str(tiny_llama_dir), "cpu")
-    path, d_in, d_out = _site(model, 1)
-    mem = install_memory(model, path, 1, 8, 2, d_in, d_out)
-    assert install_memory(model, path, 1, 8, 2, d_in, d_out) is mem
-    assert "kledger_memory.1.radii" in dict(model.named_parameters())
+    path, d_out = _site(model, 1)
+    mem = install_memory(model, path, 1, 8, 2, d_out)
+    assert install_memory(model, path, 1, 8, 2, d_out) is mem
+    assert "kledger_memory.1.ids" in dict(model.named_parameters())
     with pytest.raises(UsageError, match="capacity"):
-        install_memory(model, path, 1, 16, 2, d_in, d_out)
-    with pytest.raises(ValueError, match="gamma"):
-        MemoryConfig(gamma=1.5)
+        install_memory(model, path, 1, 16, 2, d_out)
+    with pytest.raises(ValueError, match="span"):
+        MemoryConfig(span=0)
 
 
 def test_an_entry_moves_its_prompt_and_leaves_other_inputs_bit_for_bit(tiny_llama_dir):
@@ -101,7 +112,7 @@ def test_an_entry_moves_its_prompt_and_leaves_other_inputs_bit_for_bit(tiny_llam
     # a random 2-layer model caps what one vector can do to its logits (~0.3–0.4 nats here)
     assert bool((new1 > new0 + 0.25).all()), (new0, new1)
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, before)  # no token of it falls inside an entry's radius
+        assert torch.equal(model(ids).logits, before)  # it names no edited subject
         with memory_off(model):
             off = score_targets(model, tok, [r.prompt for r in REQS], [r.target_new for r in REQS])
     torch.testing.assert_close(off, new0)
@@ -118,12 +129,12 @@ def test_working_model_equals_a_fresh_process_and_revert_drops_the_entry(tmp_pat
     for (n, p), (m, q) in zip(live.named_parameters(), fresh.named_parameters()):
         assert n == m and torch.equal(p, q), n
     mem = fresh.kledger_memory["1"]
-    assert int((mem.radii[:, 0] > 0).sum()) == 3
+    assert int((mem.ids[:, 0, 0] > 0).sum()) == 3
     ws.revert(evs[1].id)
     live, _ = ws.working()
     mem = live.kledger_memory["1"]
-    assert not bool(mem.radii[1].any()) and not bool(mem.keys[1].any()) and not bool(mem.values[1].any())
-    assert int((mem.radii[:, 0] > 0).sum()) == 2
+    assert not bool(mem.ids[1].any()) and not bool(mem.values[1].any())
+    assert int((mem.ids[:, 0, 0] > 0).sum()) == 2
     # a later entry takes the freed slot
     [ev] = ws.add([FactRequest("Facts about Steve Jobs", " Microsoft", subject="Steve Jobs")], method="memory",
                   overrides=CFG)
