@@ -30,7 +30,7 @@ One edit, per request:
 capacity × span × 2, ``.values`` capacity × d_out; zero in the base): an edit's delta is a
 ``SparseDelta`` on its slot's rows, so the ledger stores, sums, reverts and merges it like any other
 delta, and replaying the ledger rebuilds the memory bit for bit. A slot is free while it is all
-zero: a reverted entry's slot is reused. The gate's hooks are installed by ``hooks.install_memory``;
+zero: a reverted entry's slot is reused. The gate's hooks are installed by ``gate.install_memory``;
 the orchestrator adds the memory to a freshly loaded base model (``Editor.attach``) before any
 delta is written into it.
 """
@@ -46,7 +46,8 @@ import torch
 import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
-from kledger.editors.hooks import GatedMemory, edit_output, install_memory, memory_off, memory_prefix
+from kledger.editors.gate import GatedMemory, install_memory, memory_off, memory_prefix
+from kledger.editors.hooks import LogitsAt, edit_output
 from kledger.editors.locate import context_templates, subject_token_span
 from kledger.editors.sites import num_layers, sites_for
 from kledger.editors.tokens import encode_pairs
@@ -155,7 +156,6 @@ def fit_values(model: nn.Module, tok, path: str, d_out: int, requests: Sequence[
 def _rows_nll(model: nn.Module, path: str, sel: dict, delta: torch.Tensor) -> torch.Tensor:
     """One forward pass over the selected rows with each row's δ added at its subject's last token:
     each row's mean target NLL (with grad)."""
-    from kledger.editors.hooks import LogitsAt
 
     n = int(sel["attention_mask"].sum(1).max())  # right-padded: drop columns no selected row uses
     idx = torch.arange(sel["pos"].numel(), device=sel["pos"].device)

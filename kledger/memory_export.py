@@ -8,7 +8,7 @@ architecture's plus the memory, whose tensors are in the saved weights), and lis
 (``kledger_memory``: layer, hooked module, sizes). Load it with
 ``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)``; without that flag
 transformers refuses the unknown model type instead of loading the model without its edits. The memory's code in the file is the
-source of ``editors/hooks.py``'s ``GatedMemory`` at export time (one definition).
+source of ``editors/gate.py``'s ``GatedMemory`` at export time (one definition).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 
 import torch.nn as nn
 
-from kledger.editors import hooks
+from kledger.editors import gate
 
 MODELING_FILE = "modeling_kledger_memory.py"
 CLASS_NAME = "KledgerMemoryForCausalLM"
@@ -58,7 +58,7 @@ class {cls}({arch}):
 
 def memory_specs(model: nn.Module) -> list[dict]:
     """The memories a model carries: layer, hooked module path and sizes (JSON)."""
-    holder = getattr(model, hooks.MEMORY_ATTR, None)
+    holder = getattr(model, gate.MEMORY_ATTR, None)
     out = []
     for layer, mem in (holder.items() if holder is not None else ()):
         out.append({"layer": int(layer), "path": mem.path, "capacity": mem.ids.shape[0], "span": mem.ids.shape[1],
@@ -72,12 +72,12 @@ def prepare(model: nn.Module, with_memory: bool) -> dict[str, str]:
     ``model_type`` only that file defines, with ``auto_map``/``architectures``/``kledger_memory``;
     otherwise any (empty) memory is taken off the model and nothing extra is written."""
     if not with_memory:
-        hooks.remove_memory(model)
+        gate.remove_memory(model)
         return {}
     specs = memory_specs(model)
     arch, config_cls = type(model).__name__, type(model.config).__name__
     source = _TEMPLATE.format(arch=arch, config=config_cls, cls=CLASS_NAME, cls_config=CONFIG_NAME,
-                              first=inspect.getsource(hooks._first), memory=inspect.getsource(hooks.GatedMemory))
+                              first=inspect.getsource(gate._first), memory=inspect.getsource(gate.GatedMemory))
     config = model.config.to_dict()
     module = MODELING_FILE[:-3]
     config.update(model_type="kledger_memory", architectures=[CLASS_NAME], kledger_memory=specs,

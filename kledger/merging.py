@@ -167,7 +167,7 @@ def do_merge(ledger: "Ledger", plan: "MergePlan", strategy_name: str = "sum", *,
 def _refuse_shared_memory_slots(plan: "MergePlan") -> None:
     """Both sides wrote entries into the same slots of an edit memory (each branch filled its own free
     slots): summed, those entries would be garbage. Refused, whatever the strategy."""
-    from kledger.editors.hooks import is_memory_tensor
+    from kledger.editors.gate import is_memory_tensor
 
     shared = sorted({(o["ours"], o["theirs"]) for o in plan.overlaps if is_memory_tensor(o["tensor"])})
     if shared:

@@ -23,7 +23,7 @@ import torch
 
 from kledger.audit.drift import DriftTracker, SafetensorsBase, cache_file, measure_edit
 from kledger.editors.base import config_to_json
-from kledger.editors.hooks import is_memory_tensor
+from kledger.editors.gate import is_memory_tensor
 from kledger.editors.models import cache_dir as models_cache_dir
 from kledger.editors.models import DTYPES, fingerprint, load_model, resolve_dtype, resolve_model_path, tokenizer_fingerprint
 from kledger.editors.registry import DEFAULT_METHOD, editor_class

@@ -10,7 +10,7 @@ import torch
 
 from conftest import run_cli
 from kledger.editors.base import EditContext
-from kledger.editors.hooks import GatedMemory, install_memory, memory_off
+from kledger.editors.gate import GatedMemory, install_memory, memory_off
 from kledger.editors.memory import MemoryConfig, MemoryEditor, _site, place, span_ids
 from kledger.editors.models import load_model
 from kledger.editors.scoring import score_targets
