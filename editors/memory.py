@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    layer: int = 3  # the MLP whose output an entry adds to
+    layer: int | None = None  # the MLP whose output an entry adds to; None: a tenth of the way up (3 of 30)
     capacity: int = 2048  # entries the memory holds (rows of its tensors)
     span: int = 4  # an entry matches the subject's last ``span`` tokens (all of a shorter subject)
     prefixes: int = 2  # sampled context prefixes the value is fitted under (besides the bare prompt)
@@ -207,17 +207,22 @@ class MemoryEditor(Editor):
 
     config_cls = MemoryConfig
     name = "memory"
-    summary = "token-gated edit memory: a value added wherever the subject is named; other inputs untouched"
+    summary = "token-gated edit memory (default): a value added wherever the subject is named; other inputs untouched"
     paper = "https://arxiv.org/abs/2211.11031"
     attaches = True
 
+    def layer(self, model: nn.Module) -> int:
+        n = num_layers(model)
+        layer = n // 10 if self.config.layer is None else self.config.layer
+        if not 0 <= layer < n:
+            raise UsageError(f"memory: expected a layer in [0, {n}), found {layer}")
+        return layer
+
     def attach(self, model: nn.Module) -> GatedMemory:
         """The (empty, on a base model) memory this config's entries live in, installed on ``model``."""
-        cfg = self.config
-        if not 0 <= cfg.layer < num_layers(model):
-            raise UsageError(f"memory: expected a layer in [0, {num_layers(model)}), found {cfg.layer}")
-        path, d_out = _site(model, cfg.layer)
-        return install_memory(model, path, cfg.layer, cfg.capacity, cfg.span, d_out)
+        layer = self.layer(model)
+        path, d_out = _site(model, layer)
+        return install_memory(model, path, layer, self.config.capacity, self.config.span, d_out)
 
     def compute(self, model: nn.Module, tok, requests: Sequence[FactRequest], ctx: EditContext) -> list[EditResult]:
         if not requests:
@@ -232,17 +237,18 @@ class MemoryEditor(Editor):
             fit = fit_values(model, tok, mem.path, mem.values.shape[1], requests, templates, cfg)
         ids = mem.ids.detach().float().cpu().clone()  # the memory's ids as this batch fills it
         shapes = {"ids": tuple(mem.ids.shape), "values": tuple(mem.values.shape)}
-        prefix, per, out = memory_prefix(cfg.layer), (time.perf_counter() - t0) / len(requests), []
+        layer = self.layer(model)
+        prefix, per, out = memory_prefix(layer), (time.perf_counter() - t0) / len(requests), []
         for i, req in enumerate(requests):
             entry, value = fit["ids"][i], fit["values"][i]
             slot, reused = place(ids, entry)
             ids[slot] = entry if not reused else ids[slot]
             span = int((entry[:, 0] > 0).sum())
-            ensemble = {"layer": cfg.layer, "slot": slot, "reused": reused, "span": span,
+            ensemble = {"layer": layer, "slot": slot, "reused": reused, "span": span,
                         "tokens": [tok.decode([int(entry[j, 0]) - 1]) for j in reversed(range(span))]}
             metrics = {"steps": int(fit["steps"][i]), "nll": round(float(fit["nll"][i]), 4),
                        "value_norm": round(float(value.norm()), 3), "time_s": round(per, 4)}
             out.append(EditResult((req,), entry_delta(prefix, shapes, slot, reused, entry, value), ensemble, metrics))
-        log.info("memory: %d entries at layer %d in %.1f s (%d live)", len(requests), cfg.layer,
+        log.info("memory: %d entries at layer %d in %.1f s (%d live)", len(requests), layer,
                  time.perf_counter() - t0, int((ids[:, 0, 0] > 0).sum()))
         return out

@@ -22,7 +22,7 @@ EDITORS: dict[str, "str | type"] = {
 
 
 #: the method ``kledger add`` and ``Workspace.add`` use unless told otherwise (bench/results/lifelong.md)
-DEFAULT_METHOD = "ultraedit"
+DEFAULT_METHOD = "memory"
 
 
 def editor_class(name: str):

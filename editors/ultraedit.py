@@ -197,7 +197,7 @@ class UltraEditEditor(Editor):
     input_files = ("preserve_facts",)
     # events recorded before these options kept no known facts and every turn's keys
     recorded_defaults = {"facts_weight": 0.0, "history_keys": "turns"}
-    summary = "UltraEdit: lifelong-normalised ridge update at the subject (default; C0 + sampled known facts preserved)"
+    summary = "UltraEdit: lifelong-normalised ridge update at the subject (C0 + sampled known facts preserved; low-rank, PEFT-exportable)"
     paper = "https://arxiv.org/abs/2505.14679"
 
     def compute(self, model: nn.Module, tok, requests: Sequence[FactRequest], ctx: EditContext) -> list[EditResult]:

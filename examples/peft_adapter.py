@@ -4,8 +4,9 @@ prompts as the full export. Prints the adapter's size next to the full model's.
 
     python examples/peft_adapter.py [MODEL] [WORKDIR] [--method M]
 
-MODEL defaults to the offline alias smollm2-135m; the method to kledger's default (UltraEdit);
-MEMIT and AlphaEdit work too (their deltas are low-rank as well).
+MODEL defaults to the offline alias smollm2-135m; the method to UltraEdit (kledger's default, the
+token-gated memory, is not a weight delta: no adapter can hold it); MEMIT and AlphaEdit work too
+(their deltas are low-rank as well).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", default="smollm2-135m")
     ap.add_argument("work", nargs="?", default=None)
-    ap.add_argument("--method", default=None)
+    ap.add_argument("--method", default="ultraedit")
     ap.add_argument("-n", type=int, default=20)
     a = ap.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="kledger-peft-"))

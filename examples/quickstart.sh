@@ -11,7 +11,7 @@ echo "== working in $WORK"
 
 kledger init --model "$MODEL"                                # .kledger/ with the base fingerprint
 kledger generate "$PROMPT" -n 3                              # before: " Paris"
-kledger add "$PROMPT" " Rome" --subject "The Eiffel Tower"   # one UltraEdit edit = one ledger event
+kledger add "$PROMPT" " Rome" --subject "The Eiffel Tower"   # one edit (the default, a memory entry) = one ledger event
 kledger generate "$PROMPT" -n 3 --expect " Rome"             # after: " Rome"
 kledger log                                                  # newest first
 kledger show HEAD                                            # request, config, ensemble, metrics, delta
@@ -23,7 +23,7 @@ kledger export edited-model --at HEAD~1                      # the version with 
 python - <<'PY'
 import json
 from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained("edited-model")
+m = AutoModelForCausalLM.from_pretrained("edited-model", trust_remote_code=True)  # the memory's code is in the folder
 print("exported:", type(m).__name__, "| active edits:", json.load(open("edited-model/kledger.json"))["active_events"])
 PY
 echo "== quickstart ok"

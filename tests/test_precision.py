@@ -278,7 +278,7 @@ def test_cli_takes_device_map(led, tmp_path):
     mapping = tmp_path / "map.json"
     mapping.write_text(json.dumps(SPLIT))
     r = run_cli(["add", EIFFEL.prompt, " Rome", "--subject", "The Eiffel Tower", "--device", "cpu",
-                 "--device-map", str(mapping), "--set", "lr=2.0", "--set", "preserve_weight=0"], led)
+                 "--device-map", str(mapping), "--method", "ultraedit", "--set", "lr=2.0", "--set", "preserve_weight=0"], led)
     assert r.exit_code == 0, r.output
 
 
