@@ -16,7 +16,8 @@ Rows go to ``WORKDIR/rows.jsonl`` (one per audit) and are copied into
 ``bench/results/lifelong.jsonl`` by ``write``. The run resumes from its ledger: it counts the
 ``add`` events already recorded and continues with the next record (stop it at any time).
 
-    python bench/lifelong.py run --name ultraedit --method ultraedit           # the default method
+    python bench/lifelong.py run --name mem-tok --threads 2                  # the default method (memory)
+    python bench/lifelong.py run --name gs-5k --method ultraedit --threads 1 # the weight-editing default before it
     python bench/lifelong.py run --name alphaedit --method alphaedit --n 300
     python bench/lifelong.py write                                            # table + plot
     python bench/lifelong.py kept NAME --n 600                                # which edits hold / cost facts
@@ -39,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from counterfact_eval import first_tokens  # noqa: E402
 
+from kledger.editors.registry import DEFAULT_METHOD  # noqa: E402
 from kledger.editors.scoring import score_targets, target_token_accuracy  # noqa: E402
 from kledger.ledger.records import FactRequest, load_requests  # noqa: E402
 
@@ -274,7 +276,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="edit the stream (resumable) with audits")
     r.add_argument("--name", required=True)
-    r.add_argument("--method", default="ultraedit")
+    r.add_argument("--method", default=DEFAULT_METHOD)
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--n", type=int, default=1000)
     r.add_argument("--start", type=int, default=0, help="skip the stream's first START records (trials)")
