@@ -17,8 +17,8 @@ A span of ids matches every paraphrase that names the subject, and nothing else 
 
 One edit, per request:
 
-* **span**: the ids of the subject's last ``span`` tokens in the prompt, and their spelling when
-  the subject follows other text (a leading space changes a word-initial token);
+* **span**: the ids of the subject's last ``span`` tokens in the prompt, and their other spelling
+  where the subject follows other text or opens one (a leading space changes a word-initial token);
 * **value**: a vector δ fitted (Adam, at most ``steps``) so that adding it at the subject's last
   token makes the target the continuation under the prompt and ``prefixes`` sampled context
   prefixes, stopping as soon as every context's mean target NLL is below ``nll_stop``. The requests
@@ -68,12 +68,18 @@ class MemoryConfig:
     steps: int = 40  # most Adam steps per value
     lr: float = 0.5
     nll_stop: float = 0.1  # a value is done once every context's mean target NLL is below this
+    # ROME's essence term: KL(unedited ‖ edited) of the next token after these subject prompts, times this
+    # weight, joins the loss, so the value changes the edited relation and less of what else the subject says
+    essence_weight: float = 0.0
+    essence_prompts: tuple[str, ...] = ("{} is a", "{} was")
 
     def __post_init__(self) -> None:
         if self.capacity < 1 or self.span < 1 or self.steps < 1:
             raise ValueError("expected capacity, span and steps ≥ 1")
-        if self.lr <= 0 or self.nll_stop <= 0 or self.prefixes < 0:
-            raise ValueError("expected lr > 0, nll_stop > 0 and prefixes ≥ 0")
+        if self.lr <= 0 or self.nll_stop <= 0 or self.prefixes < 0 or self.essence_weight < 0:
+            raise ValueError("expected lr > 0, nll_stop > 0, prefixes ≥ 0 and essence_weight ≥ 0")
+        if any(p.count("{}") != 1 for p in self.essence_prompts):
+            raise ValueError(f"expected essence prompts with one {{}} for the subject, found {self.essence_prompts}")
 
 
 def _site(model: nn.Module, layer: int) -> tuple[str, int]:
@@ -110,6 +116,12 @@ def span_ids(ids: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], spa
     return out
 
 
+def _entry_ids(tok, req: FactRequest, rows: list[list[int]], spans: list[tuple[int, int]], span: int) -> torch.Tensor:
+    """``span_ids`` over a request's contexts and the subject opening a text (its sentence-initial spelling)."""
+    alone = tok(req.subject, add_special_tokens=False)["input_ids"]
+    return span_ids(rows + [alone], spans + [(0, len(alone))], span)
+
+
 def fit_values(model: nn.Module, tok, path: str, d_out: int, requests: Sequence[FactRequest], templates: Sequence[str],
                cfg: MemoryConfig) -> dict[str, torch.Tensor]:
     """Each request's entry ids and value, fitted side by side (the model's parameters must be frozen).
@@ -118,33 +130,49 @@ def fit_values(model: nn.Module, tok, path: str, d_out: int, requests: Sequence[
     each took) and ``nll`` (R, its worst context's mean target NLL). A request leaves the batch once
     done: later steps run only the rows still being fitted."""
     texts, owner, subj = _contexts(tok, requests, templates)
+    n_req, per, n_ctx = len(requests), len(templates), len(texts)
+    targets = [requests[i].target_new for i in owner]
+    if cfg.essence_weight > 0:  # essence rows after the context rows: "{subject} is a" + a placeholder
+        for i, r in enumerate(requests):
+            for e in cfg.essence_prompts:
+                text = e.replace("{}", r.subject)
+                texts.append(text), owner.append(i), targets.append(" x")
+                subj.append(subject_token_span(tok, text, r.subject))
     dev = next(model.parameters()).device
-    enc, spans = encode_pairs(tok, texts, [requests[i].target_new for i in owner], dev)
-    n_req, per = len(requests), len(templates)
-    ids = torch.stack([span_ids(enc["input_ids"][i * per : (i + 1) * per].tolist(), subj[i * per : (i + 1) * per],
-                                cfg.span) for i in range(n_req)])
+    enc, spans = encode_pairs(tok, texts, targets, dev)
+    ids = torch.stack([_entry_ids(tok, r, enc["input_ids"][i * per : (i + 1) * per].tolist(), subj[i * per : (i + 1) * per],
+                                  cfg.span) for i, r in enumerate(requests)])
     width = max(e - s for s, e in spans)
-    rows = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+    kl = torch.arange(len(texts), device=dev) >= n_ctx
+    rows = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "kl": kl,
+            "row": torch.arange(len(texts), device=dev),
             "pos": torch.tensor([e - 1 for _, e in subj], device=dev), "own": torch.tensor(owner, device=dev),
             "index": torch.tensor([[s - 1 + min(t, e - s - 1) for t in range(width)] for s, e in spans], device=dev),
-            "valid": torch.tensor([[t < e - s for t in range(width)] for s, e in spans], device=dev)}
+            "valid": torch.tensor([[t < (1 if k else e - s) for t in range(width)] for (s, e), k in zip(spans, kl)],
+                                  device=dev)}
     rows["tgt"] = rows["input_ids"].gather(1, rows["index"] + 1)
     delta = torch.zeros(n_req, d_out, device=dev, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     done = torch.zeros(n_req, dtype=torch.bool, device=dev)
     steps = torch.full((n_req,), cfg.steps, dtype=torch.long)
     worst = torch.zeros(n_req, device=dev)
+    base_logp = None  # the essence rows' next-token log-probabilities before the edit (δ = 0 at step 0)
     for step in range(cfg.steps + 1):
         sel = {k: v[(~done)[rows["own"]]] for k, v in rows.items()}
-        row_nll = _rows_nll(model, path, sel, delta)
+        row_nll, logp = _rows_nll(model, path, sel, delta)
+        if base_logp is None:
+            base_logp = logp.detach()
         worst[~done] = torch.full((n_req,), -1.0, device=dev).scatter_reduce(
-            0, sel["own"], row_nll.detach(), "amax")[~done]
+            0, sel["own"], row_nll.detach().masked_fill(sel["kl"], -1.0), "amax")[~done]
         newly = ~done & (worst < cfg.nll_stop)
         steps[newly.cpu()] = step
         if bool((done | newly).all()) or step == cfg.steps:
             break
+        p0 = base_logp[sel["row"]]
+        essence = (p0.exp() * (p0 - logp)).sum(-1) * cfg.essence_weight
+        loss = torch.where(sel["kl"], essence, row_nll)
         opt.zero_grad()
-        (row_nll * (~newly)[sel["own"]]).sum().backward()
+        (loss * (~newly)[sel["own"]]).sum().backward()
         done |= newly
         frozen = delta.detach()[done].clone()
         opt.step()
@@ -153,10 +181,9 @@ def fit_values(model: nn.Module, tok, path: str, d_out: int, requests: Sequence[
     return {"ids": ids, "values": delta.detach().float().cpu(), "steps": steps, "nll": worst.cpu()}
 
 
-def _rows_nll(model: nn.Module, path: str, sel: dict, delta: torch.Tensor) -> torch.Tensor:
+def _rows_nll(model: nn.Module, path: str, sel: dict, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over the selected rows with each row's δ added at its subject's last token:
-    each row's mean target NLL (with grad)."""
-
+    each row's mean target NLL (with grad), and each row's log-probabilities at its first target position."""
     n = int(sel["attention_mask"].sum(1).max())  # right-padded: drop columns no selected row uses
     idx = torch.arange(sel["pos"].numel(), device=sel["pos"].device)
 
@@ -169,8 +196,9 @@ def _rows_nll(model: nn.Module, path: str, sel: dict, delta: torch.Tensor) -> to
         hooked = head.handle is not None
     if not hooked:  # no separate output embedding: pick the positions from the full logits
         logits = logits.gather(1, sel["index"][..., None].expand(-1, -1, logits.shape[-1]))
-    nll = -torch.log_softmax(logits.float(), -1).gather(2, sel["tgt"][..., None])[..., 0]
-    return (nll * sel["valid"]).sum(1) / sel["valid"].sum(1)
+    logp = torch.log_softmax(logits.float(), -1)
+    nll = -logp.gather(2, sel["tgt"][..., None])[..., 0]
+    return (nll * sel["valid"]).sum(1) / sel["valid"].sum(1), logp[:, 0]
 
 
 def place(ids: torch.Tensor, entry: torch.Tensor) -> tuple[int, bool]:

@@ -199,3 +199,26 @@ def test_merging_branches_whose_entries_share_a_slot_is_refused(tmp_path, tiny_l
     r = run_cli(["merge", "side"], tmp_path)
     assert r.exit_code != 0 and "same slots" in r.output, r.output
     assert ws.ledger.head().id == head
+
+
+def test_essence_term_keeps_what_else_the_subject_says_closer_to_the_base(tiny_llama_dir):
+    """ROME's essence KL: with it, the next-token distribution after "{subject} is a" moves less."""
+    model, tok, _ = load_model(str(tiny_llama_dir), "cpu")
+    req = REQS[0]
+    probe = tok(f"{req.subject} is a", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        p0 = torch.log_softmax(model(probe).logits[0, -1], -1)
+    kls = []
+    for w in (0.0, 4.0):
+        ws_model, _, _ = load_model(str(tiny_llama_dir), "cpu")
+        cfg = dict(CFG, layer=0, essence_weight=w)  # layer 0: the value reaches the last token through layer 1
+        [res] = MemoryEditor(MemoryConfig(**cfg)).compute(ws_model, tok, [req], EditContext())
+        from kledger.ledger.compose import apply_deltas
+
+        apply_deltas(ws_model, [res.delta])
+        with torch.no_grad():
+            p = torch.log_softmax(ws_model(probe).logits[0, -1], -1)
+        kls.append(float((p0.exp() * (p0 - p)).sum()))
+    assert kls[1] < kls[0], kls
+    with pytest.raises(ValueError, match="essence"):
+        MemoryConfig(essence_prompts=("no slot",))
