@@ -18,7 +18,8 @@ A span of ids matches every paraphrase that names the subject, and nothing else 
 One edit, per request:
 
 * **span**: the ids of the subject's last ``span`` tokens in the prompt, and their other spelling
-  where the subject follows other text or opens one (a leading space changes a word-initial token);
+  where the subject follows other text (a leading space changes a word-initial token; with
+  ``initial_spelling`` also the subject tokenised alone, as when it opens a text);
 * **value**: a vector δ fitted (Adam, at most ``steps``) so that adding it at the subject's last
   token makes the target the continuation under the prompt and ``prefixes`` sampled context
   prefixes, stopping as soon as every context's mean target NLL is below ``nll_stop``. The requests
@@ -71,6 +72,8 @@ class MemoryConfig:
     # ROME's essence term: KL(unedited ‖ edited) of the next token after these subject prompts, times this
     # weight, joins the loss, so the value changes the edited relation and less of what else the subject says
     essence_weight: float = 0.0
+    # also match the subject's sentence-initial spelling (the subject tokenised alone); off in the measured default
+    initial_spelling: bool = False
     essence_prompts: tuple[str, ...] = ("{} is a", "{} was")
 
     def __post_init__(self) -> None:
@@ -116,10 +119,13 @@ def span_ids(ids: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], spa
     return out
 
 
-def _entry_ids(tok, req: FactRequest, rows: list[list[int]], spans: list[tuple[int, int]], span: int) -> torch.Tensor:
-    """``span_ids`` over a request's contexts and the subject opening a text (its sentence-initial spelling)."""
+def _entry_ids(tok, req: FactRequest, rows: list[list[int]], spans: list[tuple[int, int]], cfg: MemoryConfig
+               ) -> torch.Tensor:
+    """``span_ids`` over a request's contexts and, with ``initial_spelling``, the subject opening a text."""
+    if not cfg.initial_spelling:
+        return span_ids(rows, spans, cfg.span)
     alone = tok(req.subject, add_special_tokens=False)["input_ids"]
-    return span_ids(rows + [alone], spans + [(0, len(alone))], span)
+    return span_ids(rows + [alone], spans + [(0, len(alone))], cfg.span)
 
 
 def fit_values(model: nn.Module, tok, path: str, d_out: int, requests: Sequence[FactRequest], templates: Sequence[str],
@@ -141,7 +147,7 @@ def fit_values(model: nn.Module, tok, path: str, d_out: int, requests: Sequence[
     dev = next(model.parameters()).device
     enc, spans = encode_pairs(tok, texts, targets, dev)
     ids = torch.stack([_entry_ids(tok, r, enc["input_ids"][i * per : (i + 1) * per].tolist(), subj[i * per : (i + 1) * per],
-                                  cfg.span) for i, r in enumerate(requests)])
+                                  cfg) for i, r in enumerate(requests)])
     width = max(e - s for s, e in spans)
     kl = torch.arange(len(texts), device=dev) >= n_ctx
     rows = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "kl": kl,

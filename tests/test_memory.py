@@ -211,7 +211,8 @@ def test_essence_term_keeps_what_else_the_subject_says_closer_to_the_base(tiny_l
     kls = []
     for w in (0.0, 4.0):
         ws_model, _, _ = load_model(str(tiny_llama_dir), "cpu")
-        cfg = dict(CFG, layer=0, essence_weight=w)  # layer 0: the value reaches the last token through layer 1
+        # layer 0: the value reaches the last token through layer 1; the probe opens with the subject
+        cfg = dict(CFG, layer=0, essence_weight=w, initial_spelling=True)
         [res] = MemoryEditor(MemoryConfig(**cfg)).compute(ws_model, tok, [req], EditContext())
         from kledger.ledger.compose import apply_deltas
 
