@@ -8,7 +8,8 @@ projection that adds the entries' values — stay until ``remove_memory``.
 * ``GatedMemory``     the entries (token-id spans and values) and the gate;
 * ``install_memory``  add a memory at a layer (idempotent; refuses other sizes);
 * ``remove_memory``   take every memory and its hooks off a model;
-* ``memory_off``      silence every memory inside a block.
+* ``memory_off``      silence every memory inside a block;
+* ``memories``        the memories a model holds.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from kledger.editors.sites import get_module
 from kledger.ledger.errors import UsageError
 
 #: attribute of the model holding the memories (an ``nn.ModuleDict`` by layer): their tensors are
-#: named ``kledger_memory.<layer>.keys`` / ``.values`` / ``.radii`` among the model's parameters
+#: named ``kledger_memory.<layer>.ids`` / ``.values`` among the model's parameters
 MEMORY_ATTR = "kledger_memory"
 
 
@@ -92,6 +93,16 @@ class GatedMemory(nn.Module):
         out[cand[hit]] = idx[hit]
         return out, live
 
+    def added(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """What the memory adds at each token of ``tokens`` (B × T): B × T × d_out, or None where no entry fires."""
+        which, live = self.which(tokens)
+        hit = which >= 0
+        if not bool(hit.any()):
+            return None
+        add = torch.zeros(which.shape[0], self.values.shape[1], device=self.values.device)
+        add[hit] = self.values[live[which[hit]]]
+        return add.view(*tokens.shape, -1)
+
     def gate(self, module, inputs, output):
         tokens, self._tokens = self._tokens, None  # used once: never a later pass's
         if not self.enabled or tokens is None:
@@ -99,14 +110,16 @@ class GatedMemory(nn.Module):
         y = _first(output)
         if tuple(tokens.shape) != tuple(y.shape[:2]):
             return None
-        which, live = self.which(tokens)
-        hit = which >= 0
-        if not bool(hit.any()):
+        add = self.added(tokens)
+        if add is None:
             return None
-        add = torch.zeros(which.shape[0], y.shape[-1], device=self.values.device)
-        add[hit] = self.values[live[which[hit]]]
-        y = y + add.view(y.shape).to(y.device, y.dtype)
+        y = y + add.to(y.device, y.dtype)
         return (y,) + tuple(output[1:]) if isinstance(output, tuple) else y
+
+
+def memories(model: nn.Module) -> list[GatedMemory]:
+    """The model's memories (none on a model without one)."""
+    return list(getattr(model, MEMORY_ATTR).values()) if hasattr(model, MEMORY_ATTR) else []
 
 
 def install_memory(model: nn.Module, path: str, layer: int, capacity: int, span: int, d_out: int) -> GatedMemory:
@@ -147,7 +160,7 @@ def remove_memory(model: nn.Module) -> None:
 @contextlib.contextmanager
 def memory_off(model: nn.Module) -> Iterator[None]:
     """Every memory of the model silent inside the block (restored on exit)."""
-    mems = list(getattr(model, MEMORY_ATTR, {}).values()) if hasattr(model, MEMORY_ATTR) else []
+    mems = memories(model)
     was = [m.enabled for m in mems]
     for m in mems:
         m.enabled = False

@@ -51,6 +51,7 @@ from kledger.editors.gate import GatedMemory, install_memory, memory_off, memory
 from kledger.editors.hooks import LogitsAt, edit_output
 from kledger.editors.locate import context_templates, subject_token_span
 from kledger.editors.sites import num_layers, sites_for
+from kledger.editors.suffix import SuffixPass
 from kledger.editors.tokens import encode_pairs
 from kledger.ledger.deltas import Delta
 from kledger.ledger.errors import UsageError
@@ -75,6 +76,9 @@ class MemoryConfig:
     # also match the subject's sentence-initial spelling (the subject tokenised alone); off in the measured default
     initial_spelling: bool = False
     essence_prompts: tuple[str, ...] = ("{} is a", "{} was")
+    # each step reruns only the tokens from the subject's last on, the earlier ones' keys and values cached
+    # (``editors/suffix.py``; checked against a full pass, which it falls back to); False: full passes
+    cache_prefix: bool = True
 
     def __post_init__(self) -> None:
         if self.capacity < 1 or self.span < 1 or self.steps < 1:
@@ -163,9 +167,11 @@ def fit_values(model: nn.Module, tok, path: str, d_out: int, requests: Sequence[
     steps = torch.full((n_req,), cfg.steps, dtype=torch.long)
     worst = torch.zeros(n_req, device=dev)
     base_logp = None  # the essence rows' next-token log-probabilities before the edit (δ = 0 at step 0)
+    suffix = SuffixPass.prepare(model, rows["input_ids"], rows["attention_mask"], rows["pos"], rows["index"]) \
+        if cfg.cache_prefix else None
     for step in range(cfg.steps + 1):
         sel = {k: v[(~done)[rows["own"]]] for k, v in rows.items()}
-        row_nll, logp = _rows_nll(model, path, sel, delta)
+        row_nll, logp = _rows_nll(model, path, sel, delta, suffix)
         if base_logp is None:
             base_logp = logp.detach()
         worst[~done] = torch.full((n_req,), -1.0, device=dev).scatter_reduce(
@@ -187,9 +193,22 @@ def fit_values(model: nn.Module, tok, path: str, d_out: int, requests: Sequence[
     return {"ids": ids, "values": delta.detach().float().cpu(), "steps": steps, "nll": worst.cpu()}
 
 
-def _rows_nll(model: nn.Module, path: str, sel: dict, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass over the selected rows with each row's δ added at its subject's last token:
-    each row's mean target NLL (with grad), and each row's log-probabilities at its first target position."""
+def _rows_nll(model: nn.Module, path: str, sel: dict, delta: torch.Tensor, suffix: SuffixPass | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over the selected rows with each row's δ added at its subject's last token (over
+    the rows' suffixes alone when given ``suffix``): each row's mean target NLL (with grad), and each
+    row's log-probabilities at its first target position."""
+    if suffix is not None:
+        logits = suffix.logits(sel["row"], path, delta[sel["own"]])
+    else:
+        logits = _full_logits(model, path, sel, delta)
+    logp = torch.log_softmax(logits.float(), -1)
+    nll = -logp.gather(2, sel["tgt"][..., None])[..., 0]
+    return (nll * sel["valid"]).sum(1) / sel["valid"].sum(1), logp[:, 0]
+
+
+def _full_logits(model: nn.Module, path: str, sel: dict, delta: torch.Tensor) -> torch.Tensor:
+    """The selected rows' logits at their target positions, δ added at each subject's last token."""
     n = int(sel["attention_mask"].sum(1).max())  # right-padded: drop columns no selected row uses
     idx = torch.arange(sel["pos"].numel(), device=sel["pos"].device)
 
@@ -202,9 +221,7 @@ def _rows_nll(model: nn.Module, path: str, sel: dict, delta: torch.Tensor) -> tu
         hooked = head.handle is not None
     if not hooked:  # no separate output embedding: pick the positions from the full logits
         logits = logits.gather(1, sel["index"][..., None].expand(-1, -1, logits.shape[-1]))
-    logp = torch.log_softmax(logits.float(), -1)
-    nll = -logp.gather(2, sel["tgt"][..., None])[..., 0]
-    return (nll * sel["valid"]).sum(1) / sel["valid"].sum(1), logp[:, 0]
+    return logits
 
 
 def place(ids: torch.Tensor, entry: torch.Tensor) -> tuple[int, bool]:
