@@ -46,6 +46,7 @@ from typing import Any, Mapping
 import torch
 
 from kledger.editors.hooks import input_device
+from kledger.editors.kvcache import returned_cache, with_cache
 from kledger.audit import events as E
 from kledger.audit import figures as M
 from kledger.editors.tokens import pad, pad_id
@@ -373,7 +374,7 @@ def _sample_texts(model, tok, n: int, n_tokens: int, seed: int, top_p: float = 0
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], dim=1)
         pos = pos[:, -1:] + 1
         res = model(input_ids=t[:, None].to(dev), attention_mask=mask, position_ids=pos,
-                    past_key_values=res.past_key_values, use_cache=True)
+                    **with_cache(model, returned_cache(res)), use_cache=True)
     out = []
     for i, s in enumerate(starts):
         toks = new[i].tolist()

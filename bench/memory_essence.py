@@ -1,7 +1,8 @@
-"""The essence-term measurement in lifelong.md: the stream records whose subject is an audit subject, fitted from the
-base with the memory at each essence_weight; efficacy, paraphrase, and KL / top-1 kept on the audit prompts naming them.
+"""The collateral measurement in lifelong.md: the stream records whose subject is an audit subject, fitted from the
+base with the memory in each variant; efficacy, paraphrase, and KL / top-1 kept on the audit prompts naming them.
 
-    python bench/memory_essence.py 0,1,4
+    python bench/memory_essence.py 0,1,4                                   # essence_weight 0, 1, 4
+    python bench/memory_essence.py layer=3 layer=9 "layer=9 nll_stop=0.5"  # variants: MemoryConfig fields
 """
 import sys, json, time, torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
@@ -29,9 +30,13 @@ def dist(ps):
 reqs = [r for _, r in items]
 aff = [[p for p in prompts if r.subject in p] for r in reqs]
 base = [dist(a) for a in aff]
-for w in [float(x) for x in sys.argv[1].split(",")]:
+def variants(argv):
+    if len(argv) == 1 and "=" not in argv[0]:
+        return [{"essence_weight": float(x)} for x in argv[0].split(",")]
+    return [{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.split())} for a in argv]
+for w in variants(sys.argv[1:]):
     t0 = time.time()
-    res = MemoryEditor(MemoryConfig(essence_weight=w)).compute(model, tok, reqs, EditContext(fingerprint="x"))
+    res = MemoryEditor(MemoryConfig(**w)).compute(model, tok, reqs, EditContext(fingerprint="x"))
     apply_deltas(model, [r.delta for r in res])
     new = score_targets(model, tok, [r.prompt for r in reqs], [r.target_new for r in reqs])
     true = score_targets(model, tok, [r.prompt for r in reqs], [r.target_true for r in reqs])

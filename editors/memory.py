@@ -25,7 +25,8 @@ One edit, per request:
   prefixes, stopping as soon as every context's mean target NLL is below ``nll_stop``. The requests
   of a batch are fitted side by side in one padded batch, each with its own δ, and leave it when
   done. δ is fitted with the memory on: a subject edited again (the same span) adds its δ to the
-  entry's value.
+  entry's value. Each step reruns only the tokens from the subject's last on (``editors/suffix.py``:
+  the earlier tokens' keys and values are computed once; ``cache_prefix``), half the time of full passes.
 
 **Storage.** The memory is two tensors beside the model (``kledger_memory.<layer>.ids``
 capacity × span × 2, ``.values`` capacity × d_out; zero in the base): an edit's delta is a

@@ -49,6 +49,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save
 
 from kledger.editors.base import EditContext
+from kledger.editors.kvcache import returned_cache, with_cache
 from kledger.editors.sites import Sites, sites_for
 from kledger.editors.hooks import KeyAccumulator, StopForward, input_device
 from kledger.editors.tokens import pad, pad_id
@@ -136,8 +137,8 @@ def sample_continuations(model: nn.Module, start: torch.Tensor, n_new: int, gene
     seqs = [start]
     cur, cache = start, None
     for _ in range(n_new):
-        out = model(input_ids=cur, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(input_ids=cur, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+        cache = returned_cache(out)
         logits = out.logits[:, -1].float()
         if banned:
             logits[:, list(banned)] = -float("inf")

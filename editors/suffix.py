@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from kledger.editors.gate import memories, memory_off
 from kledger.editors.hooks import LogitsAt, edit_output
+from kledger.editors.kvcache import build_cache, cache_layers, returned_cache, with_cache
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _logits(model: nn.Module, index: torch.Tensor, **inputs) -> tuple[torch.Tens
     logits = out.logits
     if not hooked:  # no separate output embedding: pick the positions from the full logits
         logits = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
-    return logits, getattr(out, "past_key_values", None)
+    return logits, returned_cache(out)
 
 
 class SuffixPass:
@@ -67,12 +68,12 @@ class SuffixPass:
         n = int(attention_mask.sum(1).max())
         full, cache = _logits(model, index, input_ids=input_ids[:, :n], attention_mask=attention_mask[:, :n],
                               use_cache=True)
-        layers = getattr(cache, "layers", None)
-        if not layers or any(getattr(lay, "keys", None) is None for lay in layers):
+        layers = cache_layers(cache)
+        if layers is None:
             log.info("suffix pass: the model returned no key/value cache; running full passes")
             return None
         width = int(start.max())  # the cached positions any row needs
-        kv = [(lay.keys[:, :, :width], lay.values[:, :, :width]) for lay in layers]
+        kv = [(k[:, :, :width], v[:, :, :width]) for k, v in layers]
         # a row's last token is input only: the logits wanted are at most at the one before it
         s = int((index.max(1).values - start).max()) + 1
         cols = (start[:, None] + torch.arange(s, device=start.device)).clamp(max=n - 1)
@@ -103,9 +104,7 @@ class SuffixPass:
         return torch.zeros(ok.shape, dtype=dtype, device=dev).masked_fill(~ok, torch.finfo(dtype).min)[:, None]
 
     def logits(self, rows: torch.Tensor, path: str | None, add: torch.Tensor | None) -> torch.Tensor:
-        from transformers import DynamicCache  # noqa: PLC0415
-
-        cache = DynamicCache(ddp_cache_data=[(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in self.kv])
+        cache = build_cache(self.model, [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in self.kv])
         s = self.ids.shape[1]
         dtype = self.kv[0][0].dtype
         adds = {p: t[rows.to(t.device)] for p, t in self.extra.items()}
@@ -117,7 +116,7 @@ class SuffixPass:
             for p, t in adds.items():
                 stack.enter_context(edit_output(self.model, p, lambda y, t=t: y + t.to(y.device, y.dtype)))
             logits, _ = _logits(self.model, self.index[rows], input_ids=self.ids[rows],
-                                attention_mask=self._mask(rows, dtype), past_key_values=cache,
+                                attention_mask=self._mask(rows, dtype), **with_cache(self.model, cache),
                                 position_ids=self.start[rows][:, None] + torch.arange(s, device=rows.device),
                                 use_cache=True)
         return logits

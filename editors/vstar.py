@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from kledger.editors.hooks import Trace, edit_output, input_device, module_device
+from kledger.editors.kvcache import build_cache, cache_layers, returned_cache, with_cache
 from kledger.editors.locate import LocateConfig, _fill, subject_last_index
 from kledger.editors.sites import Sites, get_module
 from kledger.editors.tokens import encode_pairs, pad, pad_id
@@ -67,17 +68,17 @@ def _prefix_kv(model: nn.Module, ids: Sequence[int]) -> list[tuple[torch.Tensor,
     try:
         with torch.no_grad():
             out = model(input_ids=torch.tensor([list(ids)], device=dev), use_cache=True, logits_to_keep=1)
-        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = cache_layers(returned_cache(out))
     except (AttributeError, TypeError, ValueError) as exc:
         log.debug("no prefix cache for %s: %s", type(model).__name__, exc)
         return None
+    if kv is None:
+        log.debug("no prefix cache for %s", type(model).__name__)
+    return kv
 
 
 def _expand_cache(model: nn.Module, kv, batch: int):
-    from transformers import DynamicCache
-
-    return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv],
-                        config=model.config)
+    return build_cache(model, [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv])
 
 
 def _passes(model, tok, rows, n: int, m: int, batched: bool, prefix_cache: bool) -> list[tuple[list[tuple[int, int]], int, Any]]:
@@ -137,7 +138,7 @@ def _step_losses(model, tok, sites: Sites, layer: int, rows, passes, active: lis
             return h.index_put((rows_h, idx_h), leaf[b_req].to(h.device, h.dtype), accumulate=True)
 
         if P:
-            kwargs = {"past_key_values": _expand_cache(model, kv, B), "use_cache": True}
+            kwargs = {**with_cache(model, _expand_cache(model, kv, B)), "use_cache": True}
             mask = torch.cat([torch.ones(B, P, dtype=mask.dtype, device=dev), mask], dim=1)
         else:
             kwargs = {"use_cache": False}
