@@ -3,11 +3,11 @@
 An optimisation that adds a vector at token ``start`` of each row (the memory's value at the
 subject's last token) changes nothing before that token: attention is causal, so every layer's keys
 and values of tokens [0, start) are the same at every step. ``SuffixPass`` runs the full rows once
-without gradient, keeps every layer's keys and values, and answers each later step with a pass
-over the tokens from ``start`` to the last wanted position alone: position ids continue from ``start``, and a 4-D additive attention
-mask lets suffix token i see its row's cached positions < start and the suffix tokens ≤ i. On
-smollm2-135m a fact's contexts are 15–30 tokens and their suffixes 3–10, so a step costs a fraction
-of a full pass (``bench/results/lifelong.md``).
+without gradient, keeps every layer's keys and values, and answers each later step with a pass over
+the tokens from ``start`` to the last wanted position alone: position ids continue from ``start``,
+and a 4-D additive attention mask lets suffix token i see its row's cached positions < start and the
+suffix tokens ≤ i. On smollm2-135m a fact's contexts are 12–31 tokens and their suffixes 4–11: the
+memory's fits take half the time (``bench/results/lifelong.md``).
 
 The edit memory's gate matches a span of *earlier* tokens, which a suffix pass does not see: the
 additions of every memory the model holds are computed once on the full rows and added at the
