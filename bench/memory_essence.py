@@ -3,8 +3,9 @@ base with the memory in each variant; efficacy, paraphrase, and KL / top-1 kept 
 
     python bench/memory_essence.py 0,1,4                                   # essence_weight 0, 1, 4
     python bench/memory_essence.py layer=3 layer=9 "layer=9 nll_stop=0.5"  # variants: MemoryConfig fields
+    python bench/memory_essence.py 'essence_weight=4 essence_prompts=["{} is known for", "{} has"]'
 """
-import sys, json, time, torch
+import sys, json, re, time, torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import lifelong as L
 from kledger.editors.models import load_model
@@ -33,7 +34,9 @@ base = [dist(a) for a in aff]
 def variants(argv):
     if len(argv) == 1 and "=" not in argv[0]:
         return [{"essence_weight": float(x)} for x in argv[0].split(",")]
-    return [{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.split())} for a in argv]
+    pairs = lambda a: re.findall(r'(\w+)=(\[.*?\]|\S+)', a)  # noqa: E731  (a JSON list may hold spaces)
+    return [{k: tuple(v) if isinstance(v, list) else v for k, v in ((k, json.loads(v)) for k, v in pairs(a))}
+            for a in argv]
 for w in variants(sys.argv[1:]):
     t0 = time.time()
     res = MemoryEditor(MemoryConfig(**w)).compute(model, tok, reqs, EditContext(fingerprint="x"))
