@@ -8,7 +8,8 @@ when the body raises (a ``StopForward`` that ends a pass early included).
 * ``KeyAccumulator``         sum ``XᵀX`` of a module's input over the unmasked positions;
 * ``edit_output``            replace a module's output by a function of it;
 * ``gradient_through``       let the loss gradient reach some weights only at masked positions;
-* ``LogitsAt``               give the output embedding only the hidden states at chosen positions;
+* ``LogitsAt``               give the output embedding only the hidden states at chosen positions
+                             (``logits_at``: one pass's logits at those positions);
 * ``follow_devices``         (a model split over devices) move each module's inputs to its own
                              device, and the model's outputs back to the device its inputs came on.
 
@@ -310,3 +311,15 @@ class LogitsAt(contextlib.AbstractContextManager):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+
+def logits_at(model: nn.Module, index: torch.Tensor, **inputs):
+    """One forward pass of ``model(**inputs)``: (its logits at ``index``, rows × P × vocabulary, and the
+    pass's output). The LM head runs only at those positions where it can be hooked (``LogitsAt``)."""
+    with LogitsAt(model, index) as head:
+        out = model(**inputs)
+        hooked = head.handle is not None
+    logits = out.logits
+    if not hooked:  # no separate output embedding: pick the positions from the full logits
+        logits = logits.gather(1, index.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))
+    return logits, out

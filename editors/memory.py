@@ -49,7 +49,7 @@ import torch.nn as nn
 
 from kledger.editors.base import EditContext, Editor, EditResult, preserved
 from kledger.editors.gate import GatedMemory, install_memory, memory_off, memory_prefix
-from kledger.editors.hooks import LogitsAt, edit_output
+from kledger.editors.hooks import edit_output, logits_at
 from kledger.editors.locate import context_templates, subject_token_span
 from kledger.editors.sites import num_layers, sites_for
 from kledger.editors.suffix import SuffixPass
@@ -216,13 +216,9 @@ def _full_logits(model: nn.Module, path: str, sel: dict, delta: torch.Tensor) ->
     def add(out: torch.Tensor) -> torch.Tensor:
         return out.index_put((idx, sel["pos"]), delta[sel["own"]].to(out.dtype), accumulate=True)
 
-    with edit_output(model, path, add), LogitsAt(model, sel["index"]) as head:
-        logits = model(input_ids=sel["input_ids"][:, :n], attention_mask=sel["attention_mask"][:, :n],
-                       use_cache=False).logits
-        hooked = head.handle is not None
-    if not hooked:  # no separate output embedding: pick the positions from the full logits
-        logits = logits.gather(1, sel["index"][..., None].expand(-1, -1, logits.shape[-1]))
-    return logits
+    with edit_output(model, path, add):
+        return logits_at(model, sel["index"], input_ids=sel["input_ids"][:, :n],
+                         attention_mask=sel["attention_mask"][:, :n], use_cache=False)[0]
 
 
 def place(ids: torch.Tensor, entry: torch.Tensor) -> tuple[int, bool]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from kledger.editors.gate import memories, memory_off
-from kledger.editors.hooks import LogitsAt, edit_output
+from kledger.editors.hooks import edit_output, logits_at
 from kledger.editors.kvcache import build_cache, cache_layers, returned_cache, with_cache
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,7 @@ TOLERANCE = 1e-3
 
 def _logits(model: nn.Module, index: torch.Tensor, **inputs) -> tuple[torch.Tensor, object]:
     """Logits at ``index`` (rows × P) of one forward pass, and the pass's cache."""
-    with LogitsAt(model, index) as head:
-        out = model(**inputs)
-        hooked = head.handle is not None
-    logits = out.logits
-    if not hooked:  # no separate output embedding: pick the positions from the full logits
-        logits = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+    logits, out = logits_at(model, index, **inputs)
     return logits, returned_cache(out)
 
 
