@@ -7,6 +7,7 @@ write lock). Rows are never updated or deleted: ``hash = sha256(prev_hash ‖ ca
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import re
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
@@ -60,6 +61,11 @@ class DeltaRef(NamedTuple):
 
     id: str
     delta_sha256: str
+
+
+def now() -> str:
+    """A row's timestamp: UTC, ISO 8601, microseconds."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
 def row_hash(body: dict[str, Any]) -> str:

@@ -14,29 +14,29 @@ read-write, so connections are short: readers open read-only and retry briefly w
 appends; a writer takes ``write.lock`` (bounded wait, then ``LedgerBusyError``) only for the
 append itself, never while an edit is computed.
 
-``Ledger`` is the handle: connections, the lock, refs, appends. The table's schema, row codec
-and plain queries are in ``kledger.ledger.rows``; ancestry and the active-set rule in
-``kledger.ledger.graph`` (``Ledger.graph``); ``verify`` in ``kledger.ledger.verify``.
+``Ledger`` is the handle: connections, the lock, appends, reverts. The table's schema, row codec
+and plain queries are in ``kledger.ledger.rows``; refs and branches in ``kledger.ledger.refs`` and
+snapshot records in ``kledger.ledger.snapshots`` (both parts of ``Ledger``); ancestry and the
+active-set rule in ``kledger.ledger.graph`` (``Ledger.graph``); ``verify`` in ``kledger.ledger.verify``.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
 import duckdb
 
 from kledger.ledger import rows
-from kledger.ledger.errors import HeadMovedError, IntegrityError, KledgerError, NotFoundError, StateError, UsageError
+from kledger.ledger.errors import HeadMovedError, NotFoundError, StateError, UsageError
 from kledger.ledger.connection import Connections
 from kledger.ledger.graph import Graph
 from kledger.ledger.objects import ObjectStore
 from kledger.ledger.records import DELTA_EVENT_TYPES, MODEL_EVENT_TYPES, Event
+from kledger.ledger.refs import _BRANCH_RE, DEFAULT_BRANCH, Refs
 from kledger.ledger.rows import GENESIS, DeltaRef, row_hash  # noqa: F401  (part of this module's API)
+from kledger.ledger.snapshots import Snapshots
 
 if TYPE_CHECKING:  # torch is imported only when a delta is decoded (load_delta)
     from kledger.ledger.deltas import Delta
@@ -45,27 +45,6 @@ if TYPE_CHECKING:  # torch is imported only when a delta is decoded (load_delta)
 DIRNAME = ".kledger"
 DB_NAME = "ledger.duckdb"
 SCHEMA_VERSION = 1
-DEFAULT_BRANCH = "main"
-_BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
-_HEXLIKE = re.compile(r"[0-9a-fA-F]{4,}")
-#: the longest HEAD file content shown in a message
-_SHOWN = 60
-
-
-def check_branch_name(name: Any) -> str:
-    """A new branch's name, or UsageError: letters, digits and ``._/-``, starting with a letter
-    or digit, at most 100 characters; not ``HEAD``, not a hex string of 4+ digits (it would hide
-    the event id it spells), no ``..``, no ``/`` at the end, no ``~``, ``^`` or whitespace."""
-    if not isinstance(name, str) or not _BRANCH_RE.match(name) or name == "HEAD" or ".." in name \
-            or name.endswith(("/", ".")) or "//" in name or _HEXLIKE.fullmatch(name):
-        shown = ascii(name)[:60] if isinstance(name, str) else type(name).__name__
-        raise UsageError(f"expected a branch name of letters, digits and ._/- (not HEAD, not a hex string that could"
-                         f" be an event id, no '..' and no '/' at the end), found {shown}")
-    return name
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
 def find_ledger(explicit: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None) -> Path:
@@ -87,7 +66,7 @@ def find_ledger(explicit: str | os.PathLike | None = None, cwd: str | os.PathLik
     )
 
 
-class Ledger:
+class Ledger(Refs, Snapshots):
     """A handle on one ``.kledger/`` folder. Cheap to create; holds no connection open."""
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -113,9 +92,9 @@ class Ledger:
         con = duckdb.connect(str(tmp_db))
         try:
             con.execute(rows.SCHEMA)
-            con.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, _now()])
+            con.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, rows.now()])
             body = rows.build_body(0, {"type": "init", "config": {"model": model, "schema_version": SCHEMA_VERSION},
-                             "message": message or "init"}, DEFAULT_BRANCH, _now(), GENESIS, None, None, None)
+                             "message": message or "init"}, DEFAULT_BRANCH, rows.now(), GENESIS, None, None, None)
             rows.insert(con, [rows.values(body, row_hash(body))])
             con.execute("CHECKPOINT")
         finally:
@@ -199,101 +178,6 @@ class Ledger:
             return []
         with self._connect() as con:
             return rows.by_ids(con, ids)
-
-    # --- refs and branches ---------------------------------------------------------------
-    def current_branch(self) -> str:
-        try:
-            with open(self.root / "HEAD", "rb") as fh:
-                raw = fh.read(512)
-        except FileNotFoundError:
-            return DEFAULT_BRANCH
-        try:
-            name = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            name = None
-        if name == "":
-            return DEFAULT_BRANCH
-        if name is None or len(raw) >= 512 or not _BRANCH_RE.match(name):
-            raise IntegrityError(f"expected {self.root / 'HEAD'} to hold a branch name, found"
-                                 f" {ascii(raw[:_SHOWN])}{'…' if len(raw) > _SHOWN else ''} ({len(raw)}+ bytes)")
-        return name
-
-    def set_current_branch(self, name: str) -> None:
-        self.branch_head(name)  # must exist
-        tmp = self.root / f"HEAD.{os.getpid()}.tmp"
-        tmp.write_text(name + "\n")
-        os.replace(tmp, self.root / "HEAD")
-
-    def branches(self) -> dict[str, Event]:
-        with self._connect() as con:
-            names = [r[0] for r in con.execute("SELECT DISTINCT branch FROM events ORDER BY branch").fetchall()]
-        return {n: self.branch_head(n) for n in names}
-
-    def branch_head(self, branch: str | None = None) -> Event:
-        branch = branch or self.current_branch()
-        ev = self._maybe_head(branch)
-        if ev is None:
-            raise NotFoundError(f"expected a branch named {branch!r}, found none")
-        return ev
-
-    def _maybe_head(self, branch: str) -> Event | None:
-        with self._connect() as con:
-            return rows.head(con, branch)
-
-    def head(self) -> Event:
-        return self.branch_head(self.current_branch())
-
-    def resolve(self, ref: str | None = "HEAD") -> Event:
-        """``HEAD``, ``HEAD~N``, a branch name (``NAME~N``), a tag, or an event id (prefix). A hex ref
-        that names an event is that event, even where an older ledger has a branch of that name."""
-        if ref is None:
-            ref = "HEAD"
-        if not isinstance(ref, str) or not ref.strip():
-            raise UsageError(f"expected a ref (HEAD, HEAD~N, a branch or an event id), found {ascii(ref)[:60]}")
-        ref = ref.strip()
-        m = re.fullmatch(r"(.+?)(?:~(\d*))?", ref)
-        base, back = m.group(1), m.group(2)
-        steps = 0 if back is None else (int(back) if back else 1)
-        if base == "HEAD":
-            ev = self.head()
-        else:
-            branch_names = None
-            if _HEXLIKE.fullmatch(base):
-                try:
-                    ev = self.get(base)
-                except NotFoundError:
-                    ev = None
-            else:
-                ev = None
-            if ev is None and _BRANCH_RE.match(base):
-                with self._connect() as con:
-                    branch_names = con.execute("SELECT 1 FROM events WHERE branch = ? LIMIT 1", [base]).fetchone()
-            if ev is None and not branch_names and _BRANCH_RE.match(base):
-                from kledger.ledger.tags import lookup
-
-                ev = lookup(self, base)  # a tag
-            if ev is None:
-                ev = self.branch_head(base) if branch_names else self.get(base)
-        for i in range(steps):
-            if ev.parent is None:
-                raise NotFoundError(f"expected {ref!r} to name an event, but the history has only {i} ancestors")
-            ev = self.get(ev.parent)
-        return ev
-
-    def create_branch(self, name: str, ref: str | Event = "HEAD") -> Event:
-        """Append a ``branch`` event: branch ``name`` starts at ``ref``."""
-        check_branch_name(name)
-        at = ref if isinstance(ref, Event) else self.resolve(ref)
-
-        def check(_ledger: "Ledger", head: Event | None) -> None:
-            if head is not None:
-                raise StateError(f"expected a new branch name, found branch {name!r} already exists (head {head.id})")
-            from kledger.ledger.tags import tag_events
-
-            if name in tag_events(_ledger):
-                raise StateError(f"expected a branch name that is not a tag, found tag {name!r}")
-
-        return self.append("branch", branch=name, parent=at.id, message=f"branch {name} at {at.id}", check=check)
 
     # --- the model at a version (``kledger.ledger.graph``) ---------------------------------
     def ancestors(self, event: Event) -> set[str]:
@@ -417,7 +301,7 @@ class Ledger:
                         f"expected branch {branch!r} at {expect_head}, found it moved to {head_id} while the"
                         " edit was computed; run the command again"
                     )
-                values, now = [], _now()
+                values, now = [], rows.now()
                 for it, (sha, nbytes) in zip(items, stored):
                     seq += 1
                     body = rows.build_body(seq, it, branch, now, prev, sha, nbytes, head_id)
@@ -474,49 +358,6 @@ class Ledger:
                            check=check, lock_timeout=lock_timeout,
                            request=target.request, method=target.method)
 
-    # --- derived data bound to the ledger (``cache/snapshots``) ---------------------------
-    def record_snapshot(self, name: str, record: Mapping[str, Any]) -> bool:
-        """Record a snapshot's content hash (and the hash of the last row it summarises) in the
-        ledger database: a snapshot is used only if its bytes match what the ledger recorded, so
-        editing a cache file and its neighbours cannot change a model. Written at once when this
-        handle can (no read session held, the lock free); otherwise left as ``NAME.pending``
-        beside the file and recorded by the next append. Returns whether it is recorded now."""
-        pending = self.cache_dir / "snapshots" / (name + ".pending")
-        if self.db._session_con is None:
-            try:
-                with self.write_lock(timeout=0.2), self._connect(read_only=False, timeout=0.5) as con:
-                    _insert_snapshots(con, [(name, dict(record))])
-                return True
-            except (KledgerError, duckdb.Error, OSError):
-                pass
-        _write_private(pending, json.dumps(dict(record), sort_keys=True))
-        return False
-
-    def snapshot_record(self, name: str) -> dict[str, Any] | None:
-        """What the ledger recorded for snapshot file ``name`` (None: nothing)."""
-        with self._connect() as con:
-            if not _has_table(con, "snapshots"):
-                return None
-            row = con.execute("SELECT record FROM snapshots WHERE name = ? ORDER BY created_at DESC LIMIT 1",
-                              [name]).fetchone()
-        return None if row is None else json.loads(row[0])
-
-    def _record_pending_snapshots(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Record the snapshots left pending (called under the write lock by an append)."""
-        folder = self.cache_dir / "snapshots"
-        try:
-            files = sorted(folder.glob("*.pending")) if folder.is_dir() else []
-            if not files:
-                return
-            recs = [(f.name[: -len(".pending")], json.loads(f.read_text())) for f in files]
-            _insert_snapshots(con, recs)
-            for f in files:
-                f.unlink(missing_ok=True)
-        except (OSError, ValueError, duckdb.Error) as exc:  # a cache: never fails the append
-            import logging
-
-            logging.getLogger(__name__).warning("could not record pending snapshots: %s", exc)
-
     # --- integrity -----------------------------------------------------------------------
     def verify(self, *, check_objects: bool = True, progress: Callable[[int], None] | None = None,
                anchor: str | None = None, deep_model: Any = None) -> "VerifyReport":
@@ -525,25 +366,3 @@ class Ledger:
         from kledger.ledger.verify import verify
 
         return verify(self, check_objects=check_objects, progress=progress, anchor=anchor, deep_model=deep_model)
-
-
-SNAPSHOTS_SQL = "CREATE TABLE IF NOT EXISTS snapshots (name VARCHAR NOT NULL, record VARCHAR NOT NULL, created_at VARCHAR NOT NULL)"
-
-
-def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    return con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0] > 0
-
-
-def _insert_snapshots(con: duckdb.DuckDBPyConnection, recs: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
-    con.execute(SNAPSHOTS_SQL)
-    for name, rec in recs:
-        con.execute("INSERT INTO snapshots VALUES (?, ?, ?)", [name, json.dumps(dict(rec), sort_keys=True), _now()])
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, refusing to follow a link at ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)

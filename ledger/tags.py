@@ -43,7 +43,7 @@ def lookup(ledger: "Ledger", name: str) -> Event | None:
 def create_tag(ledger: "Ledger", name: str, ref: str | Event = "HEAD", message: str | None = None) -> Event:
     """Append the ``tag`` event naming ``ref``'s event ``name``; refused (StateError) if the name is
     taken by a tag or a branch."""
-    from kledger.ledger.store import check_branch_name
+    from kledger.ledger.refs import check_branch_name
 
     check_branch_name(name)
     at = ref if isinstance(ref, Event) else ledger.resolve(ref)

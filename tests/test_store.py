@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kledger.ledger import rows as rows_mod
 from kledger.ledger import store as store_mod
 from kledger.ledger.deltas import Delta
 from kledger.ledger.errors import NotFoundError, StateError, UsageError
@@ -179,7 +180,7 @@ def test_ambiguous_prefix_is_an_error(ledger, monkeypatch):
     # Fix the clock so the next row's hash can be predicted, then search a message that makes
     # its id share a 4-digit prefix with an existing event.
     fixed = "2024-01-01T00:00:00.000000+00:00"
-    monkeypatch.setattr(store_mod, "_now", lambda: fixed)
+    monkeypatch.setattr(rows_mod, "now", lambda: fixed)  # the one clock rows are stamped with
     evs = [add(ledger, i, delta=None) for i in range(8)]
     prefixes = {e.id[:4]: e for e in [ledger.get_seq(0), *evs]}
     head = evs[-1]
